@@ -1,0 +1,69 @@
+"""``fer-batch models list|show|build``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from fer_batch.errors import FerBatchError
+
+models_app = typer.Typer(help="The model registry: list, show and rebuild model cards and files.", no_args_is_help=True)
+
+
+def _reg(models_dir: Path | None):
+    from fer_batch.models import Registry
+
+    return Registry.from_dir(models_dir)
+
+
+def _fail(e: Exception) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {e}")
+    raise typer.Exit(2)
+
+
+@models_app.command("list")
+def list_models(
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR", help="Model pack directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Every registered model: name, task, format, input, licence, sha256, measured metrics."""
+    try:
+        reg = _reg(models_dir)
+    except FerBatchError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps([c.summary() for c in reg.cards()], indent=2, default=str))
+        return
+    t = Table(title="fer-batch models")
+    for col in ("name", "task", "format", "input", "licence", "sha256", "metrics", "default"):
+        t.add_column(col, overflow="fold")
+    for c in reg.cards():
+        inp = c.input or {}
+        size = inp.get("size")
+        inp_s = f"{size} {inp.get('colour', '')}".strip()
+        metrics = ", ".join(f"{k}={v}" for k, v in (c.metrics or {}).items() if not isinstance(v, (dict, list)))
+        t.add_row(c.name, c.task, c.format, inp_s, c.licence, c.sha256[:16] + "…", metrics, "yes" if c.default else "")
+    Console().print(t)
+
+
+@models_app.command("show")
+def show_model(
+    name: str = typer.Argument(..., help="A registered model name."),
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR"),
+) -> None:
+    """Print a model's card."""
+    try:
+        card = _reg(models_dir).get(name)
+    except FerBatchError as e:
+        _fail(e)
+    typer.echo(f"# {card.card_path}")
+    typer.echo(Path(card.card_path).read_text() if card.card_path else yaml.safe_dump(card.summary()))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")
