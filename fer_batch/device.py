@@ -1,0 +1,75 @@
+"""Choosing the compute device once, and reporting the ONNX Runtime providers that really run.
+
+``onnxruntime-gpu`` lists the CUDA and TensorRT providers even on machines without a GPU, so
+``get_available_providers()`` is never taken to mean a GPU is there: a GPU counts as usable
+only when the NVIDIA driver answers (``torch.cuda.is_available()``) and the CUDA provider is
+installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+
+from fer_batch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a GPU or without torch)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - any failure to query means no usable GPU
+        return 0
+
+
+def ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> ``cuda:0`` when a GPU is usable, else ``cpu``; ``cuda`` -> ``cuda:0``.
+
+    Raises ConfigError when CUDA is asked for explicitly and is not usable.
+    """
+    spec = (spec or "auto").strip().lower()
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", spec)
+    if not m:
+        raise ConfigError(f"--device: expected auto|cpu|cuda[:N], got {spec!r}")
+    if spec == "cpu":
+        return "cpu"
+    n = cuda_device_count()
+    if spec == "auto":
+        return "cuda:0" if n > 0 and ort_has_cuda() else "cpu"
+    idx = int(m.group(1) or 0)
+    if n == 0:
+        raise ConfigError(f"--device {spec}: no usable CUDA GPU on this machine (run `fer-batch doctor`)")
+    if idx >= n:
+        raise ConfigError(f"--device {spec}: only {n} CUDA device(s) present")
+    if not ort_has_cuda():
+        raise ConfigError(
+            f"--device {spec}: ONNX Runtime has no CUDAExecutionProvider (plain onnxruntime installed over "
+            "onnxruntime-gpu?). Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+        )
+    return f"cuda:{idx}"
+
+
+def ort_providers(device: str) -> list:
+    """Explicit ONNX Runtime providers for a resolved device (``cpu`` or ``cuda:N``)."""
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_provider(session) -> str:
+    """The provider an ORT session actually runs on first (its preferred one)."""
+    provs = session.get_providers()
+    return provs[0] if provs else "unknown"

@@ -1,0 +1,147 @@
+"""Writing the three output tables, atomically, to a local path or a pyarrow filesystem URI.
+
+``report.parquet`` (faces), ``report.sources.parquet`` and ``report.tracks.parquet`` beside it.
+Local/POSIX paths: each file is written under a temporary name in the same directory and
+renamed into place, so a reader never sees a half-written file. Object stores (``s3://`` ...):
+each object is written once under its final key (a PUT is atomic there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fer_batch.errors import OutputError
+from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, tracks_table, with_metadata
+
+log = logging.getLogger(__name__)
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def companion_paths(out: str | os.PathLike) -> tuple[str, str, str]:
+    """(faces, sources, tracks) output locations for an ``--out`` value."""
+    out = str(out)
+    if not out.endswith(".parquet"):
+        raise OutputError(f"--out must end with .parquet, got {out!r}")
+    stem = out[: -len(".parquet")]
+    return out, stem + ".sources.parquet", stem + ".tracks.parquet"
+
+
+def resolve_fs(path: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, path inside it, is_local)."""
+    if is_uri(path) and not str(path).startswith("file://"):
+        fs, p = pafs.FileSystem.from_uri(str(path))
+        return fs, p, isinstance(fs, pafs.LocalFileSystem)
+    p = str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
+    return pafs.LocalFileSystem(), os.path.abspath(p), True
+
+
+def check_writable(out: str) -> None:
+    """Fail early (before any work) when the output location cannot be written."""
+    fs, p, local = resolve_fs(out)
+    if not local:
+        return
+    parent = Path(p).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create output directory {parent}: {e}") from e
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: output directory {parent} is not writable")
+    if Path(p).is_dir():
+        raise OutputError(f"{out}: is a directory")
+
+
+class AtomicParquetWriter:
+    """Streams row groups into one Parquet file that appears only when ``close()`` succeeds."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        self.fs, self.path, self.local = resolve_fs(path)
+        self.schema = schema
+        self.tmp = (
+            str(Path(self.path).with_name(f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp")) if self.local else self.path
+        )
+        if self.local:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._sink = self.fs.open_output_stream(self.tmp)
+            self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"{path}: cannot write: {e}") from e
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        if self.local:
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        finally:
+            if self.local and os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    w = AtomicParquetWriter(path, table.schema)
+    try:
+        w.write(table)
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
+
+
+@dataclass
+class RunOutputs:
+    """The three tables of a run, streamed: faces per source as they come, the rest at the end."""
+
+    out: str
+    version: str
+    models: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        self.faces_path, self.sources_path, self.tracks_path = companion_paths(self.out)
+        meta = dict(version=self.version, models=self.models, config=self.config)
+        self.faces_schema = with_metadata(FACES_SCHEMA.empty_table(), **meta).schema
+        self.sources_schema = with_metadata(SOURCES_SCHEMA.empty_table(), **meta).schema
+        self.tracks_schema = with_metadata(TRACKS_SCHEMA.empty_table(), **meta).schema
+        self._faces = AtomicParquetWriter(self.faces_path, self.faces_schema)
+        self._track_parts: list[pa.Table] = []
+
+    def add_faces(self, faces: pa.Table) -> None:
+        self._faces.write(faces)
+        self._track_parts.append(tracks_table(faces))
+
+    def finish(self, source_rows: list[dict]) -> None:
+        """Close the faces file and write the sources and tracks tables."""
+        from fer_batch.schema import rows_to_table
+
+        self._faces.close()
+        tracks = pa.concat_tables(self._track_parts) if self._track_parts else TRACKS_SCHEMA.empty_table()
+        write_table(self.tracks_path, tracks.replace_schema_metadata(self.tracks_schema.metadata))
+        sources = rows_to_table(source_rows, SOURCES_SCHEMA)
+        write_table(self.sources_path, sources.replace_schema_metadata(self.sources_schema.metadata))
+
+    def abort(self) -> None:
+        self._faces.abort()

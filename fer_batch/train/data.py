@@ -1,0 +1,288 @@
+"""Datasets for training and evaluation: image folders, Parquet (image bytes + label), FER2013 CSV.
+
+Every format is decoded **once** into an in-memory ``uint8`` array (N, H, W, C) at a fixed size,
+with integer labels in ``fer_batch.types.EMOTIONS`` order. Augmentation then works on tensors
+(see :mod:`fer_batch.train.augment`), so no image decoding happens in the training loop.
+
+Bad input: unreadable or corrupt images are counted and reported (``LoadReport``), not fatal;
+unknown labels raise ``DataError`` unless ``drop_unknown`` is set; an empty class, a single-class
+dataset, and mismatched label sets between train and validation raise ``DataError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fer_batch.errors import DataError
+from fer_batch.models import canonical_label
+from fer_batch.types import EMOTIONS
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+# FER2013 CSV ``emotion`` codes: 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral.
+FER2013_CODES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+@dataclass
+class LoadReport:
+    """What happened while reading a dataset (counts of skipped items and why)."""
+
+    source: str
+    n_read: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    unknown_labels: Counter = field(default_factory=Counter)
+    dropped_unknown: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.n_read} images"]
+        if self.corrupt:
+            ex = ", ".join(self.corrupt[:3]) + (" ..." if len(self.corrupt) > 3 else "")
+            parts.append(f"{len(self.corrupt)} unreadable/corrupt skipped ({ex})")
+        if self.dropped_unknown:
+            parts.append(f"{self.dropped_unknown} with unknown labels dropped {dict(self.unknown_labels)}")
+        return "; ".join(parts)
+
+
+@dataclass
+class ImageDataset:
+    """Decoded images and labels.
+
+    Attributes:
+        images: (N, H, W, C) uint8; C = 1 (gray) or 3 (RGB).
+        labels: (N,) int64 indices into ``EMOTIONS``.
+        keys: per-image identity used to keep duplicates on one side of a split and to find
+            test images duplicated in training (``pixel_md5`` where the data has it, else the
+            md5 of the decoded pixels).
+        report: the load report.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    keys: np.ndarray
+    report: LoadReport
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "ImageDataset":
+        return ImageDataset(self.images[idx], self.labels[idx], self.keys[idx], self.report)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(EMOTIONS))
+
+    def present(self) -> set[str]:
+        return {EMOTIONS[i] for i in np.unique(self.labels)}
+
+
+def _decode(buf: bytes | np.ndarray, size: int, colour: str) -> np.ndarray | None:
+    """Decode encoded image bytes to (size, size, C) uint8, or None when unreadable."""
+    arr = np.frombuffer(buf, np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else buf
+    if arr.size == 0:
+        return None
+    flag = cv2.IMREAD_GRAYSCALE if colour == "gray" else cv2.IMREAD_COLOR
+    img = cv2.imdecode(arr, flag)
+    if img is None or img.size == 0:
+        return None
+    return _fit(img, size, colour)
+
+
+def _fit(img: np.ndarray, size: int, colour: str) -> np.ndarray:
+    if img.shape[0] != size or img.shape[1] != size:
+        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    if colour == "gray":
+        return img.reshape(size, size, 1)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _map_labels(raw: list[str], report: LoadReport, drop_unknown: bool) -> np.ndarray:
+    """Canonical label indices; -1 for unknown labels (dropped later) or DataError."""
+    out = np.empty(len(raw), np.int64)
+    cache: dict[str, int] = {}
+    for i, lbl in enumerate(raw):
+        if lbl not in cache:
+            c = canonical_label(lbl)
+            cache[lbl] = EMOTIONS.index(c) if c else -1
+        out[i] = cache[lbl]
+        if out[i] < 0:
+            report.unknown_labels[str(lbl)] += 1
+    if report.unknown_labels and not drop_unknown:
+        raise DataError(
+            f"{report.source}: labels that map onto none of the 7 emotions {list(EMOTIONS)}: "
+            f"{dict(report.unknown_labels)} (rename them, or pass --drop-unknown to skip those images)"
+        )
+    report.dropped_unknown = int((out < 0).sum())
+    return out
+
+
+def _finish(images: list, labels: np.ndarray, keys: list, report: LoadReport) -> ImageDataset:
+    ok = np.array([im is not None for im in images], bool) & (labels >= 0)
+    if not ok.any():
+        raise DataError(f"{report.source}: no usable images ({report.summary()})")
+    c = images[int(np.argmax(ok))].shape[-1]
+    size = images[int(np.argmax(ok))].shape[0]
+    arr = np.stack([images[i] for i in np.flatnonzero(ok)]).reshape(-1, size, size, c)
+    keys_arr = np.array([keys[i] for i in np.flatnonzero(ok)], dtype=object)
+    report.n_read = int(ok.sum())
+    if report.corrupt or report.dropped_unknown:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
+    return ImageDataset(arr, labels[ok], keys_arr, report)
+
+
+def _md5(img: np.ndarray | None) -> str:
+    import hashlib
+
+    return hashlib.md5(img.tobytes()).hexdigest() if img is not None else ""
+
+
+def load_parquet(path: Path, size: int, colour: str, drop_unknown: bool) -> ImageDataset:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+    cols = set(pf.schema_arrow.names)
+    if not {"image", "label"} <= cols:
+        raise DataError(f"{path}: Parquet needs columns 'image' (encoded bytes) and 'label'; it has {sorted(cols)}")
+    want = ["image", "label"] + (["pixel_md5"] if "pixel_md5" in cols else [])
+    table = pf.read(columns=want)
+    report = LoadReport(str(path))
+    labels = _map_labels([str(x) for x in table.column("label").to_pylist()], report, drop_unknown)
+    images, keys = [], []
+    md5s = table.column("pixel_md5").to_pylist() if "pixel_md5" in want else None
+    for i, buf in enumerate(table.column("image").to_pylist()):
+        img = None
+        if labels[i] >= 0:
+            img = _decode(buf or b"", size, colour)
+            if img is None:
+                report.corrupt.append(f"row {i}")
+        images.append(img)
+        keys.append(md5s[i] if md5s else _md5(img))
+    return _finish(images, labels, keys, report)
+
+
+def load_csv(path: Path, size: int, colour: str, drop_unknown: bool) -> ImageDataset:
+    """FER2013 CSV: ``emotion`` (0..6, FER2013 code order) or ``label`` (names), ``pixels``."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as CSV: {e}") from e
+    if "pixels" not in df.columns or not ({"emotion", "label"} & set(df.columns)):
+        raise DataError(f"{path}: a FER2013 CSV needs 'pixels' and 'emotion' (or 'label') columns; it has {list(df.columns)}")
+    if "label" in df.columns:
+        raw = [str(x) for x in df["label"]]
+    else:
+        raw = [FER2013_CODES[int(v)] if str(v).isdigit() and int(v) < 7 else str(v) for v in df["emotion"]]
+    report = LoadReport(str(path))
+    labels = _map_labels(raw, report, drop_unknown)
+    images, keys = [], []
+    for i, px in enumerate(df["pixels"].astype(str)):
+        img = None
+        if labels[i] >= 0:
+            try:
+                v = np.array(px.split(), dtype=np.float32)
+                side = int(round(np.sqrt(v.size)))
+                if side * side != v.size or side == 0 or v.min() < 0 or v.max() > 255:
+                    raise ValueError("not a square 8-bit image")
+                g = v.reshape(side, side).astype(np.uint8)
+                img = _fit(g if colour == "gray" else cv2.cvtColor(g, cv2.COLOR_GRAY2BGR), size, colour)
+            except ValueError:
+                report.corrupt.append(f"row {i}")
+        images.append(img)
+        keys.append(_md5(img))
+    return _finish(images, labels, keys, report)
+
+
+def load_folder(path: Path, size: int, colour: str, drop_unknown: bool) -> ImageDataset:
+    """One sub-folder per class (``happy/``, ``anger/`` ...); images anywhere below it."""
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{path}: an image-folder dataset needs one sub-folder per class; found none")
+    report = LoadReport(str(path))
+    raw, files = [], []
+    for d in subdirs:
+        fs = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        if not fs:
+            raise DataError(f"{path}: class folder {d.name!r} holds no images (empty class)")
+        raw += [d.name] * len(fs)
+        files += fs
+    labels = _map_labels(raw, report, drop_unknown)
+    images, keys = [], []
+    for i, f in enumerate(files):
+        img = None
+        if labels[i] >= 0:
+            img = _decode(np.fromfile(f, np.uint8), size, colour)
+            if img is None:
+                report.corrupt.append(str(f.relative_to(path)))
+        images.append(img)
+        keys.append(_md5(img))
+    ds = _finish(images, labels, keys, report)
+    for d in subdirs:  # a class folder whose images are all unreadable is an empty class too
+        c = canonical_label(d.name)
+        if c and EMOTIONS.index(c) not in set(ds.labels.tolist()):
+            raise DataError(f"{path}: class folder {d.name!r} has no readable image (empty class)")
+    return ds
+
+
+def load_dataset(data: str | Path, size: int = 48, colour: str = "gray", drop_unknown: bool = False) -> ImageDataset:
+    """Load DATA (folder, ``.parquet`` or ``.csv``) decoded to (N, size, size, C) uint8."""
+    p = Path(data)
+    if colour not in ("gray", "rgb"):
+        raise DataError(f"colour must be gray or rgb, got {colour!r}")
+    if not p.exists():
+        raise DataError(f"{p}: dataset not found")
+    if p.is_dir():
+        ds = load_folder(p, size, colour, drop_unknown)
+    elif p.suffix.lower() == ".parquet":
+        ds = load_parquet(p, size, colour, drop_unknown)
+    elif p.suffix.lower() == ".csv":
+        ds = load_csv(p, size, colour, drop_unknown)
+    else:
+        raise DataError(f"{p}: expected an image-folder tree, a .parquet or a .csv file")
+    return ds
+
+
+def check_trainable(train: ImageDataset, val: ImageDataset | None = None) -> None:
+    """DataError for a single-class dataset or for different label sets in train and val."""
+    present = train.present()
+    if len(present) < 2:
+        raise DataError(f"{train.report.source}: only one class present ({sorted(present)}); need at least two")
+    if val is not None:
+        vp = val.present()
+        if vp != present:
+            raise DataError(
+                f"label sets differ between train ({sorted(present)}) and validation ({sorted(vp)}): "
+                f"only in train {sorted(present - vp)}, only in validation {sorted(vp - present)}"
+            )
+
+
+def split_train_val(ds: ImageDataset, val_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Stratified split by label; identical images (same key) stay on one side."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    # group by key: each group goes whole to one side, stratified by the group's first label
+    _, group = np.unique(ds.keys.astype(str), return_inverse=True)
+    first = {}
+    for i, g in enumerate(group):
+        first.setdefault(int(g), i)
+    val_groups = set()
+    for cls in np.unique(ds.labels):
+        gs = np.array([g for g, i in first.items() if ds.labels[i] == cls])
+        rng.shuffle(gs)
+        n_val = max(1, int(round(len(gs) * val_fraction))) if len(gs) > 1 else 0
+        val_groups.update(gs[:n_val].tolist())
+    is_val = np.array([int(g) in val_groups for g in group])
+    return ds.subset(np.flatnonzero(~is_val)), ds.subset(np.flatnonzero(is_val))
