@@ -22,7 +22,9 @@ app = typer.Typer(
 
 # Modules that define ``register(app)``; order is the order of --help.
 COMMAND_MODULES = [
+    "fer_batch.commands.process_cmd",
     "fer_batch.commands.models_cmd",
+    "fer_batch.commands.doctor_cmd",
 ]
 
 

@@ -1,0 +1,133 @@
+"""``fer-batch process``: inputs -> per-face emotion rows in Parquet."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fer_batch.errors import ConfigError, FerBatchError, OutputError
+
+log = logging.getLogger(__name__)
+
+
+class ProgressHook:
+    """A rich progress bar (sources and frames of the current source) driven by pipeline hooks."""
+
+    def __init__(self, progress: Progress, n_sources: int):
+        self.p = progress
+        self.sources = progress.add_task("sources", total=n_sources)
+        self.frames = progress.add_task("frames", total=None)
+
+    def __call__(self, step: str, payload: dict) -> None:
+        if step == "source_start":
+            src = payload["source"]
+            self.p.reset(self.frames, total=None, description=f"frames  {Path(src.path).name[:40]}")
+        elif step == "source_open":
+            reader = payload.get("reader")
+            est = getattr(reader, "expected_frames", None)
+            if est:
+                self.p.update(self.frames, total=est)
+        elif step == "frame":
+            self.p.advance(self.frames)
+        elif step == "source_end":
+            self.p.advance(self.sources)
+
+
+def summary_table(result) -> Table:
+    t = Table(title=f"fer-batch: {result.sources.num_rows} inputs in {result.wall_s:.1f} s")
+    for col in ("input", "status", "frames", "faces", "tracks", "wall s", "error"):
+        t.add_column(col, overflow="fold")
+    colour = {"ok": "green", "partial": "yellow", "skipped": "dim", "failed": "red"}
+    for r in result.sources.to_pylist():
+        st = r["status"]
+        t.add_row(
+            Path(r["path"]).name, f"[{colour.get(st, '')}]{st}[/]", str(r["frames_sampled"]), str(r["faces"]),
+            str(r["tracks"]), f"{r['wall_s']:.1f}", r["error"] or "",
+        )
+    return t
+
+
+def process(
+    inputs: List[str] = typer.Argument(..., help="Video files, images, or directories (walked recursively)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output Parquet (report.parquet); .sources/.tracks.parquet are written beside it."),
+    fps: Optional[float] = typer.Option(None, help="Sample this many frames per second by real timestamps [default: 2]."),
+    every: Optional[int] = typer.Option(None, help="Sample every N-th frame instead of --fps."),
+    start: Optional[float] = typer.Option(None, help="Start time in seconds."),
+    end: Optional[float] = typer.Option(None, help="End time in seconds."),
+    max_frames: Optional[int] = typer.Option(None, help="At most this many sampled frames per source."),
+    images_as: str = typer.Option("files", help="files: each image is a source; sequence: a folder is one video."),
+    image_fps: float = typer.Option(1.0, help="Frame rate of image sequences."),
+    det_pack: Optional[str] = typer.Option(None, help="InsightFace pack directory (e.g. ~/.insightface/models/buffalo_l); default: the shipped pack."),
+    det_size: str = typer.Option("640", help="Detector input, N or WxH, multiples of 32 (larger finds smaller faces, slower)."),
+    det_thresh: float = typer.Option(0.5, help="Detection score threshold (higher: fewer false faces, more misses)."),
+    min_face: float = typer.Option(16.0, help="Drop faces whose box is smaller than this (pixels, shorter side)."),
+    model: Optional[str] = typer.Option(None, help="Emotion model: registered name or path (default: the registry's default)."),
+    batch_size: int = typer.Option(64, help="Faces per classifier batch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    smooth: float = typer.Option(0.0, help="Temporal smoothing window per track, seconds (0 = off; raw values are always kept)."),
+    reid: str = typer.Option("auto", help="Re-identify returning faces by embedding: auto (when the pack has a recognition model) | on | off."),
+    runner: str = typer.Option("local", help="local (in-process) | ray."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster (auto, ray://host:10001); default: an embedded local instance."),
+    num_workers: Optional[int] = typer.Option(None, help="Ray worker actors."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs per Ray worker."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray worker (fractions share a GPU)."),
+    segment_seconds: float = typer.Option(300.0, help="Ray: split videos longer than this into segments."),
+    threads: int = typer.Option(0, help="Threads per model session (0 = library default)."),
+    models_dir: Optional[str] = typer.Option(None, envvar="FER_BATCH_MODELS_DIR", help="Model pack directory with cards."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (for schedulers)."),
+) -> None:
+    """Process videos and image folders into per-face emotion time series (Parquet)."""
+    from fer_batch.api import config_from_options, run
+    from fer_batch.io import discover
+
+    err = Console(stderr=True)
+    try:
+        cfg = config_from_options(
+            fps=fps, every=every, start=start, end=end, max_frames=max_frames, images_as=images_as,
+            image_fps=image_fps, det_pack=det_pack, det_size=det_size, det_thresh=det_thresh, min_face=min_face,
+            model=model, batch_size=batch_size, device=device, smooth=smooth, reid=reid, runner=runner,
+            ray_address=ray_address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker, segment_seconds=segment_seconds, threads=threads, models_dir=models_dir,
+        )
+        n = len(discover(list(inputs), cfg.sampling)[0])
+        if quiet:
+            result = run(inputs, out=out, cfg=cfg)
+        else:
+            cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            with Progress(*cols, console=err, transient=True) as p:
+                result = run(inputs, out=out, cfg=cfg, hook=ProgressHook(p, n))
+    except (ConfigError, OutputError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    except FerBatchError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    statuses = result.sources.column("status").to_pylist()
+    if not quiet:
+        Console().print(summary_table(result))
+        used = result.models
+        det, cls = used.get("detector", {}), used.get("classifier", {})
+        err.print(
+            f"detector {det.get('name')} on {det.get('provider')}; classifier {cls.get('name')} on {cls.get('provider')}; "
+            f"wrote {result.out}"
+        )
+    for r in result.sources.to_pylist():
+        if r["status"] in ("partial", "skipped", "failed"):
+            log.warning("%s: %s%s", r["path"], r["status"], f" ({r['error']})" if r["error"] else "")
+    if "partial" in statuses or "skipped" in statuses:
+        err.print(
+            f"[yellow]warning:[/yellow] {statuses.count('partial')} partial, {statuses.count('skipped')} skipped input(s)"
+        )
+    if "failed" in statuses:
+        err.print(f"[red]{statuses.count('failed')} input(s) failed[/red] (see {result.out and result.out.replace('.parquet', '.sources.parquet')})")
+    raise typer.Exit(result.exit_code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("process")(process)
