@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "fer_batch.commands.process_cmd",
     "fer_batch.commands.models_cmd",
     "fer_batch.commands.doctor_cmd",
+    "fer_batch.commands.bench_cmd",
 ]
 
 
