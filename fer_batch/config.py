@@ -86,11 +86,30 @@ class DetectConfig:
 
 @dataclass(frozen=True)
 class TrackConfig:
-    """Tracking. ``lost_s``: how long a track may go unseen and still take its face back."""
+    """Tracking (see :class:`fer_batch.track.FaceTracker`).
+
+    ``lost_s``: how long a track may go unseen and still take its face back by motion; longer
+    bridges longer occlusions but lets another face that appears nearby inherit the id.
+    ``match_thresh``: highest association cost (0..1) that continues a track; higher joins
+    more (risk of id swaps), lower splits more. ``reid_thresh``: cosine similarity an
+    embedding needs to re-identify an ended track; higher merges fewer different people but
+    gives returning faces new ids more often.
+    """
 
     lost_s: float = 3.0
     match_thresh: float = 0.8
     reid: str = "auto"  # auto: use the pack's recognition model if it has one; off; on
+    reid_thresh: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.reid not in ("auto", "on", "off"):
+            raise ConfigError(f"--reid: expected auto|on|off, got {self.reid!r}")
+        if not self.lost_s > 0:
+            raise ConfigError(f"--lost-s must be > 0, got {self.lost_s}")
+        if not 0.0 < self.match_thresh <= 1.0:
+            raise ConfigError(f"track match_thresh must be in (0, 1], got {self.match_thresh}")
+        if not -1.0 <= self.reid_thresh <= 1.0:
+            raise ConfigError(f"--reid-thresh must be a cosine similarity in [-1, 1], got {self.reid_thresh}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,368 @@
+"""Face tracking across the sampled frames of one source.
+
+The tracker core imports no detector: it takes :class:`~fer_batch.types.FaceDetections` of
+one frame, the frame's real timestamp, and optional face embeddings, and fills ``track_id``.
+
+Why hand-written rather than a library. We measured the candidates (``examples/track_bench``):
+
+* ``trackers`` (Roboflow, ByteTrack/SORT/OC-SORT) gives ``tracker_id == -1`` to a new
+  track's first frame and to unmatched low-score boxes, and reorders its output; this breaks
+  "every face gets an id from its first frame on". Its association is IoU only, which has
+  nothing to work with at 2 fps, where a face often moves more than its own width between
+  samples, so tracks split into new ids.
+* ``norfair`` pins ``numpy<2`` (we run numpy 2) and has no re-identification against ended
+  tracks by embedding.
+
+So this module is a compact tracker in the SORT family, built for sparse sampling:
+
+* per track, a constant-velocity Kalman filter on the face centre that uses the real time
+  step ``dt`` between samples; process noise scales with the face size, so uncertainty (and
+  the matching gate) grows with the time a face has been unseen;
+* Hungarian assignment (``scipy.optimize.linear_sum_assignment``) on a cost that mixes the
+  normalised Kalman distance of the centre, ``1 - IoU`` with the predicted box, the size ratio
+  and, when given, the cosine distance of the embeddings;
+* a track unseen for more than ``lost_s`` ends; with embeddings, a face that matches no live
+  track is compared with the ended (and unmatched) tracks and takes back the id of the most
+  similar one when the cosine similarity reaches ``reid_thresh``;
+* every detection that matches nothing starts a new track at once: no detection is dropped
+  and none waits for confirmation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from fer_batch.config import TrackConfig
+from fer_batch.errors import ConfigError, DataError
+from fer_batch.types import FaceDetections
+
+log = logging.getLogger(__name__)
+
+REID_MODES = ("auto", "on", "off")
+
+# Motion model, in units of the face size (sqrt of box area) so one setting fits small and
+# large faces. Raising ACCEL_STD lets faces change speed or direction faster between samples
+# but widens the gate (more chance to grab a neighbour's face); lowering it does the reverse.
+ACCEL_STD = 3.0  # face sizes / s^2 (white-noise acceleration)
+MEAS_STD = 0.15  # face sizes: jitter of the detected centre
+INIT_VEL_STD = 2.0  # face sizes / s: speed a new face may already have
+MAX_SPEED = 6.0  # face sizes / s: velocity estimates are clipped to this
+# A track's centre may be at most GATE_SIGMA standard deviations of its prediction away
+# (3.0 keeps ~99% of true matches of a 2-d Gaussian). Raising it bridges longer or more
+# erratic gaps, lowering it splits tracks sooner. GATE_MAX_SIZES caps the gate radius (in face
+# sizes) so a track lost for seconds cannot grab a face anywhere in the frame.
+GATE_SIGMA = 3.0
+GATE_MAX_SIZES = 4.0
+# A detection more than MAX_SIZE_RATIO times larger or smaller than the track is not a match.
+MAX_SIZE_RATIO = 2.0
+# Weights of the cost terms (motion, overlap, size); they sum to 1 so the cost is in [0, 1].
+W_MOTION, W_IOU, W_SIZE = 0.5, 0.3, 0.2
+# With embeddings, this share of the cost is the cosine distance (1 - cos, clipped to [0, 1]).
+W_EMB = 0.5
+SIZE_EMA = 0.5  # weight of the new observation in the smoothed face size
+MAX_GALLERY = 2000  # ended tracks kept for re-identification (oldest dropped first)
+_INF = 1e6
+
+
+def track_config(**options) -> TrackConfig:
+    """A :class:`TrackConfig` from keyword options; unknown names raise listing valid ones."""
+    valid = [f.name for f in dataclasses.fields(TrackConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown tracking option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return TrackConfig(**options)
+
+
+def _check_config(cfg: TrackConfig) -> None:
+    if not isinstance(cfg, TrackConfig):
+        raise ConfigError(f"FaceTracker: expected a TrackConfig, got {type(cfg).__name__}")
+    if not (cfg.lost_s > 0 and math.isfinite(cfg.lost_s)):
+        raise ConfigError(f"track.lost_s must be a positive number of seconds, got {cfg.lost_s}")
+    if not 0.0 < cfg.match_thresh <= 1.0:
+        raise ConfigError(f"track.match_thresh must be in (0, 1], got {cfg.match_thresh}")
+    if cfg.reid not in REID_MODES:
+        raise ConfigError(f"track.reid: unknown mode {cfg.reid!r}; valid: {', '.join(REID_MODES)}")
+    thr = getattr(cfg, "reid_thresh", 0.5)
+    if not -1.0 <= thr <= 1.0:
+        raise ConfigError(f"track.reid_thresh must be a cosine similarity in [-1, 1], got {thr}")
+
+
+@dataclass
+class _Track:
+    """State of one track: a constant-velocity Kalman filter on the face centre.
+
+    x and y share one 2x2 covariance ``P`` over (position, velocity): the noise is isotropic
+    and both axes are observed together, so the two covariances stay equal.
+    """
+
+    track_id: int
+    pos: np.ndarray  # (2,) centre at time t_state
+    vel: np.ndarray  # (2,) px / s
+    P: np.ndarray  # (2, 2) covariance of (position, velocity) per axis
+    size: float  # smoothed sqrt(w * h)
+    wh: np.ndarray  # (2,) last observed width, height
+    t_state: float  # time the state refers to
+    last_seen: float
+    hits: int = 1
+    emb_sum: np.ndarray | None = None
+    emb: np.ndarray | None = field(default=None)  # L2-normalised mean embedding
+
+    @classmethod
+    def start(cls, track_id: int, box: np.ndarray, t: float, emb: np.ndarray | None) -> "_Track":
+        trk = cls(track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t)
+        trk.reset(box, t)
+        if emb is not None:
+            trk.emb_sum = emb.astype(np.float64).copy()
+            trk.emb = emb.astype(np.float64).copy()
+        return trk
+
+    def reset(self, box: np.ndarray, t: float) -> None:
+        """Restart the filter at ``box`` with zero velocity (new track or re-identified)."""
+        c, wh, s = _geom(box[None])
+        self.pos, self.wh, self.size = c[0].astype(np.float64), wh[0].astype(np.float64), float(s[0])
+        self.vel = np.zeros(2)
+        self.P = np.diag([(MEAS_STD * self.size) ** 2, (INIT_VEL_STD * self.size) ** 2])
+        self.t_state = self.last_seen = t
+
+    def predict(self, t: float) -> None:
+        dt = max(t - self.t_state, 0.0)
+        if dt > 0:
+            F = np.array([[1.0, dt], [0.0, 1.0]])
+            q = (ACCEL_STD * self.size) ** 2
+            Q = q * np.array([[dt**3 / 3, dt**2 / 2], [dt**2 / 2, dt]])
+            self.pos = self.pos + self.vel * dt
+            self.P = F @ self.P @ F.T + Q
+        self.t_state = t
+
+    def innovation_var(self) -> float:
+        return float(self.P[0, 0] + (MEAS_STD * self.size) ** 2)
+
+    def update(self, box: np.ndarray, t: float, emb: np.ndarray | None) -> None:
+        c, wh, s = _geom(box[None])
+        S = self.innovation_var()
+        K = self.P[:, 0] / S  # gain for (position, velocity)
+        y = c[0] - self.pos
+        self.pos = self.pos + K[0] * y
+        self.vel = self.vel + K[1] * y
+        self.P = self.P - np.outer(K, self.P[0, :])
+        vmax = MAX_SPEED * self.size
+        speed = float(np.hypot(*self.vel))
+        if speed > vmax:
+            self.vel *= vmax / speed
+        self.size = (1 - SIZE_EMA) * self.size + SIZE_EMA * float(s[0])
+        self.wh = wh[0].astype(np.float64)
+        self.last_seen = t
+        self.hits += 1
+        if emb is not None:
+            if self.emb_sum is None or self.emb_sum.shape != emb.shape:
+                self.emb_sum = np.zeros_like(emb, dtype=np.float64)
+            self.emb_sum = self.emb_sum + emb
+            n = np.linalg.norm(self.emb_sum)
+            self.emb = self.emb_sum / n if n > 0 else None
+
+    def box(self) -> np.ndarray:
+        return np.concatenate([self.pos - self.wh / 2, self.pos + self.wh / 2])
+
+
+def _geom(xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres (N, 2), sizes (w, h) (N, 2) and scalar face sizes sqrt(w*h) (N,)."""
+    xyxy = np.asarray(xyxy, np.float64).reshape(-1, 4)
+    wh = np.maximum(xyxy[:, 2:] - xyxy[:, :2], 1.0)
+    return (xyxy[:, :2] + xyxy[:, 2:]) / 2, wh, np.sqrt(wh[:, 0] * wh[:, 1])
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def _assign(cost: np.ndarray, max_cost: float) -> list[tuple[int, int]]:
+    """Minimum-cost one-to-one assignment; pairs costing more than ``max_cost`` are dropped."""
+    if cost.size == 0:
+        return []
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if cost[r, c] <= max_cost]
+
+
+class FaceTracker:
+    """Assigns stable track ids to the faces of one source, frame by frame.
+
+    One instance per source (or per segment); no detector import. Thresholds (see
+    :class:`~fer_batch.config.TrackConfig`):
+
+    * ``lost_s``: how long a track may go unseen and still take its face back by motion.
+      Raising it bridges longer occlusions but lets a different face that shows up near a
+      lost one inherit its id; lowering it gives returning faces new ids sooner.
+    * ``match_thresh``: the highest association cost (0..1) that still continues a track.
+      Raising it joins more (fewer new ids, more risk of swapping ids between close faces);
+      lowering it splits more.
+    * ``reid``: ``off`` ignores embeddings; ``auto``/``on`` use them when passed (the
+      pipeline decides whether the pack can compute them).
+    * ``reid_thresh``: the cosine similarity an embedding needs to re-identify an ended track.
+      Raising it gives fewer wrong merges of different people but more new ids for returning
+      faces; lowering it does the reverse.
+    """
+
+    def __init__(self, cfg: TrackConfig | None = None):
+        cfg = TrackConfig() if cfg is None else cfg
+        _check_config(cfg)
+        self.cfg = cfg
+        self.reid_thresh = float(getattr(cfg, "reid_thresh", 0.5))
+        self._live: list[_Track] = []
+        self._gallery: list[_Track] = []  # ended tracks that carry an embedding
+        self._next_id = 0
+        self._last_t: float | None = None
+        self._emb_dim: int | None = None
+
+    @property
+    def num_tracks(self) -> int:
+        """How many track ids have been given out so far."""
+        return self._next_id
+
+    def update(self, dets: FaceDetections, timestamp_s: float, embeddings: np.ndarray | None = None) -> FaceDetections:
+        """Assign track ids to the faces of ONE sampled frame.
+
+        Args:
+            dets: the faces of one frame.
+            timestamp_s: the frame's real presentation time (seconds); must not decrease.
+            embeddings: optional (N, D) face embeddings (L2-normalised here again), used to
+                match faces and to re-identify faces lost for longer than ``lost_s``.
+
+        Returns:
+            The same rows in the same order with ``track_id`` filled (int64 >= 0, unique
+            within the source and within the frame, stable across frames).
+
+        Raises:
+            DataError: a timestamp that is not finite or goes back in time; embeddings of the
+                wrong shape or with non-finite values.
+        """
+        t = self._check_time(timestamp_s)
+        n = len(dets)
+        emb = self._check_embeddings(embeddings, n)
+        self._end_lost(t)
+        ids = np.full(n, -1, np.int64)
+        if n == 0:
+            for trk in self._live:
+                trk.predict(t)
+            return dets.with_(track_id=ids)
+        boxes = np.asarray(dets.xyxy, np.float64)
+
+        # 1) live tracks by motion (+ appearance), one-to-one.
+        for trk in self._live:
+            trk.predict(t)
+        matched_trk: set[int] = set()
+        if self._live:
+            cost = self._cost(self._live, boxes, emb)
+            for r, c in _assign(cost, self.cfg.match_thresh):
+                self._live[r].update(boxes[c], t, None if emb is None else emb[c])
+                ids[c] = self._live[r].track_id
+                matched_trk.add(r)
+
+        # 2) re-identification by embedding: unmatched faces vs ended and unmatched tracks.
+        free = np.flatnonzero(ids < 0)
+        if emb is not None and len(free):
+            cands = [trk for i, trk in enumerate(self._live) if i not in matched_trk and trk.emb is not None]
+            cands += self._gallery
+            cands = [c for c in cands if c.emb.shape == emb.shape[1:]]
+            if cands:
+                sim = np.stack([c.emb for c in cands]) @ emb[free].T
+                for r, c in _assign(1.0 - sim, 1.0 - self.reid_thresh):
+                    trk, j = cands[r], int(free[c])
+                    log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
+                    trk.reset(boxes[j], t)
+                    trk.update(boxes[j], t, emb[j])
+                    if any(g is trk for g in self._gallery):
+                        self._gallery = [g for g in self._gallery if g is not trk]
+                        self._live.append(trk)
+                    ids[j] = trk.track_id
+
+        # 3) every face still without a track starts one now.
+        for j in np.flatnonzero(ids < 0):
+            trk = _Track.start(self._next_id, boxes[j], t, None if emb is None else emb[j])
+            self._next_id += 1
+            self._live.append(trk)
+            ids[j] = trk.track_id
+        return dets.with_(track_id=ids)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _check_time(self, timestamp_s: float) -> float:
+        t = float(timestamp_s)
+        if not math.isfinite(t):
+            raise DataError(f"FaceTracker.update: timestamp must be finite, got {timestamp_s!r}")
+        if self._last_t is not None and t < self._last_t:
+            raise DataError(
+                f"FaceTracker.update: timestamps must not decrease (got {t} after {self._last_t}); "
+                "use one tracker per source or segment"
+            )
+        self._last_t = t
+        return t
+
+    def _check_embeddings(self, embeddings: np.ndarray | None, n: int) -> np.ndarray | None:
+        if embeddings is None or self.cfg.reid == "off":
+            return None
+        e = np.asarray(embeddings, np.float64)
+        if e.ndim != 2 or e.shape[0] != n:
+            raise DataError(f"FaceTracker.update: embeddings: expected shape ({n}, D), got {e.shape}")
+        if n == 0:
+            return None
+        if not np.isfinite(e).all():
+            raise DataError("FaceTracker.update: embeddings contain NaN or inf")
+        if self._emb_dim is not None and e.shape[1] != self._emb_dim:
+            raise DataError(f"FaceTracker.update: embedding size changed from {self._emb_dim} to {e.shape[1]}")
+        self._emb_dim = e.shape[1]
+        norm = np.linalg.norm(e, axis=1, keepdims=True)
+        return e / np.maximum(norm, 1e-12)
+
+    def _end_lost(self, t: float) -> None:
+        """Tracks unseen for longer than ``lost_s`` end; those with an embedding stay for re-id."""
+        keep = []
+        for trk in self._live:
+            if t - trk.last_seen > self.cfg.lost_s:
+                if trk.emb is not None and self.cfg.reid != "off":
+                    self._gallery.append(trk)
+            else:
+                keep.append(trk)
+        self._live = keep
+        if len(self._gallery) > MAX_GALLERY:
+            self._gallery = self._gallery[-MAX_GALLERY:]
+
+    def _cost(self, tracks: list[_Track], boxes: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
+        """Association cost (tracks x detections) in [0, 1]; ``_INF`` where a pair is gated out."""
+        centres, _, sizes = _geom(boxes)
+        pos = np.stack([trk.pos for trk in tracks])
+        tsize = np.array([trk.size for trk in tracks])
+        std = np.sqrt([trk.innovation_var() for trk in tracks])
+        dist = np.linalg.norm(centres[None, :, :] - pos[:, None, :], axis=2)
+        gate = np.minimum(GATE_SIGMA * std, GATE_MAX_SIZES * tsize)[:, None]
+        motion = dist / gate
+        overlap = iou_matrix(np.stack([trk.box() for trk in tracks]), boxes)
+        log_ratio = np.abs(np.log(sizes[None, :] / tsize[:, None]))
+        size_term = log_ratio / math.log(MAX_SIZE_RATIO)
+        cost = W_MOTION * np.minimum(motion, 1.0) + W_IOU * (1.0 - overlap) + W_SIZE * np.minimum(size_term, 1.0)
+        if emb is not None:
+            has = np.array([trk.emb is not None and trk.emb.shape == emb.shape[1:] for trk in tracks])
+            if has.any():
+                sim = np.zeros((len(tracks), len(boxes)))
+                sim[has] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb.T
+                app = np.clip(1.0 - sim, 0.0, 1.0)
+                cost = np.where(has[:, None], (1 - W_EMB) * cost + W_EMB * app, cost)
+        gated = (motion > 1.0) | (size_term > 1.0)
+        return np.where(gated, _INF, cost)
+
+
+__all__ = ["FaceTracker", "track_config", "iou_matrix", "REID_MODES"]
