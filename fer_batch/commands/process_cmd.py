@@ -55,7 +55,7 @@ def summary_table(result) -> Table:
 
 def process(
     inputs: List[str] = typer.Argument(..., help="Video files, images, or directories (walked recursively)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output Parquet (report.parquet); .sources/.tracks.parquet are written beside it."),
+    out: str = typer.Option(..., "--out", "-o", help="Output Parquet (report.parquet); .sources/.tracks.parquet are written beside it. With --incremental: a dataset directory."),
     fps: Optional[float] = typer.Option(None, help="Sample this many frames per second by real timestamps [default: 2]."),
     every: Optional[int] = typer.Option(None, help="Sample every N-th frame instead of --fps."),
     start: Optional[float] = typer.Option(None, help="Start time in seconds."),
@@ -81,6 +81,13 @@ def process(
     threads: int = typer.Option(0, help="Threads per model session (0 = library default)."),
     models_dir: Optional[str] = typer.Option(None, envvar="FER_BATCH_MODELS_DIR", help="Model pack directory with cards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (for schedulers)."),
+    incremental: bool = typer.Option(
+        False, "--incremental",
+        help="Scheduled runs: --out names a dataset DIRECTORY; process only new or changed inputs, exactly once "
+        "(exit 3 when another run holds the lock). See jobs/schedule/README.md.",
+    ),
+    wait_lock: float = typer.Option(0.0, "--wait-lock", help="--incremental: wait up to this many seconds for another run's lock."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="--incremental: retry inputs that failed before even if unchanged."),
 ) -> None:
     """Process videos and image folders into per-face emotion time series (Parquet)."""
     from fer_batch.api import config_from_options, run
@@ -95,6 +102,12 @@ def process(
             ray_address=ray_address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker, segment_seconds=segment_seconds, threads=threads, models_dir=models_dir,
         )
+        if incremental:
+            from fer_batch.commands.incremental_cli import run_incremental_cli
+
+            raise typer.Exit(run_incremental_cli(
+                inputs, out, cfg, quiet=quiet, wait_lock=wait_lock, retry_failed=retry_failed, err=err
+            ))
         n = len(discover(list(inputs), cfg.sampling)[0])
         if quiet:
             result = run(inputs, out=out, cfg=cfg)
