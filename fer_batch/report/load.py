@@ -1,0 +1,88 @@
+"""Read the Parquet outputs of ``fer-batch process`` for the report (Parquet only)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fer_batch.errors import DataError, InputError
+from fer_batch.report.columns import FACES_REQUIRED, SMOOTHED, SOURCES_REQUIRED
+from fer_batch.schema import SCHEMA_VERSION, read_metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportData:
+    """The tables of one ``fer-batch process`` output, as DataFrames."""
+
+    path: Path
+    faces: pd.DataFrame
+    sources: pd.DataFrame | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    sources_path: Path | None = None
+
+
+def companion_path(out: Path, kind: str) -> Path:
+    """``report.parquet`` -> ``report.<kind>.parquet`` (kind: ``sources`` or ``tracks``)."""
+    out = Path(out)
+    stem = out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+    return out.with_name(f"{stem}.{kind}.parquet")
+
+
+def _read(path: Path, columns: list[str] | None, what: str) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: cannot read the {what} as Parquet: {e}") from e
+
+
+def _schema(path: Path, what: str) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({what}): {e}") from e
+
+
+def load_report(path: str | Path) -> ReportData:
+    """Read a faces table and the sources table beside it.
+
+    Raises:
+        InputError: the file is missing or not Parquet.
+        DataError: it is not a fer-batch faces table (missing columns, another schema major
+            version).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file (expected the --out Parquet of `fer-batch process`)")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give the faces Parquet file (e.g. report.parquet)")
+    schema = _schema(path, "faces table")
+    missing = [c for c in FACES_REQUIRED if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: not a fer-batch faces table: missing columns {missing}")
+    meta = read_metadata(schema)
+    version = meta.get("schema_version")
+    if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise DataError(f"{path}: written with schema version {version}; this fer-batch reads {SCHEMA_VERSION}")
+    cols = list(FACES_REQUIRED) + [c for c in SMOOTHED if c in schema.names]
+    faces = _read(path, cols, "faces table").to_pandas()
+
+    sources = None
+    spath = companion_path(path, "sources")
+    if spath.exists():
+        st = _read(spath, None, "sources table")
+        miss = [c for c in SOURCES_REQUIRED if c not in st.schema.names]
+        if miss:
+            raise DataError(f"{spath}: not a fer-batch sources table: missing columns {miss}")
+        sources = st.to_pandas()
+    else:
+        log.warning("%s: no sources table beside it (%s); listing only sources that have faces", path, spath.name)
+        spath = None
+    return ReportData(path=path, faces=faces, sources=sources, meta=meta, sources_path=spath)

@@ -1,0 +1,117 @@
+"""Face thumbnails at key moments, cut from the source media at report time.
+
+Only used with ``fer-batch report --thumbnails`` (faces are personal data; the default report
+holds none). Frames are read by ``source_path`` and the row's ``frame_index`` (the sampled
+frame the timestamp belongs to): decord for videos, PIL for images (EXIF orientation applied).
+A source that is missing or unreadable gives a note, never an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+THUMB_PX = 96  # longest side of a thumbnail
+MARGIN = 0.25  # box grown by this fraction on each side (some context around the face)
+
+
+@dataclass(frozen=True)
+class ThumbRequest:
+    """One face to cut: which frame of the source, and where the face is."""
+
+    frame_index: int
+    time_s: float
+    box: tuple[float, float, float, float]
+
+
+def _natural_key(p: Path) -> list:
+    return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)]
+
+
+def _sequence_files(folder: Path) -> list[Path]:
+    """The images of a folder read as one sequence, in name order (digits compared as numbers)."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()), key=_natural_key)
+
+
+def _load_image(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"))
+
+
+def _read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
+    """RGB frames of ``path`` by frame index."""
+    if path.is_dir():
+        files = _sequence_files(path)
+        return {i: _load_image(files[i]) for i in indices if 0 <= i < len(files)}
+    if path.suffix.lower() in IMAGE_EXTS:
+        img = _load_image(path)
+        return {i: img for i in indices}
+    import decord  # imported lazily: only thumbnails of videos need it
+
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    ok = sorted({i for i in indices if 0 <= i < len(vr)})
+    if not ok:
+        return {}
+    frames = vr.get_batch(ok).asnumpy()
+    return {i: frames[k] for k, i in enumerate(ok)}
+
+
+def crop_thumbnail(frame: np.ndarray, box: tuple[float, float, float, float], px: int = THUMB_PX) -> str:
+    """A face cut from an RGB frame (box grown by ``MARGIN``), at most ``px`` on its longest
+    side, as a ``data:image/jpeg;base64,`` URI."""
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * MARGIN, (y2 - y1) * MARGIN
+    a, b = int(max(0, np.floor(x1 - mx))), int(max(0, np.floor(y1 - my)))
+    c, d = int(min(w, np.ceil(x2 + mx))), int(min(h, np.ceil(y2 + my)))
+    if c <= a or d <= b:
+        raise ValueError(f"face box {box} lies outside the {w}x{h} frame")
+    im = Image.fromarray(np.ascontiguousarray(frame[b:d, a:c]))
+    im.thumbnail((px, px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def cut_thumbnails(source_path: str, requests: list[ThumbRequest], px: int = THUMB_PX) -> tuple[dict[int, str], str | None]:
+    """Thumbnails for the requests of one source.
+
+    Returns:
+        (thumbnail data URI by request position, a note for the reader or None). Requests that
+        could not be served are absent from the dict; the note says why.
+    """
+    path = Path(source_path)
+    if not requests:
+        return {}, None
+    if not path.exists():
+        return {}, f"source file not found at report time: {source_path} (thumbnails omitted)"
+    try:
+        frames = _read_frames(path, sorted({r.frame_index for r in requests}))
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes a note, the report goes on
+        log.warning("%s: cannot read frames for thumbnails: %s", source_path, e)
+        return {}, f"cannot read {source_path} for thumbnails: {type(e).__name__}: {e}"
+    out: dict[int, str] = {}
+    missing = 0
+    for k, r in enumerate(requests):
+        fr = frames.get(r.frame_index)
+        if fr is None:
+            missing += 1
+            continue
+        try:
+            out[k] = crop_thumbnail(fr, r.box, px)
+        except ValueError as e:
+            log.warning("%s frame %d: %s", source_path, r.frame_index, e)
+            missing += 1
+    note = f"{missing} of {len(requests)} thumbnails could not be cut from {source_path}" if missing else None
+    return out, note
