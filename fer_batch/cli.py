@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "fer_batch.commands.models_cmd",
     "fer_batch.commands.doctor_cmd",
     "fer_batch.commands.bench_cmd",
+    "fer_batch.commands.report_cmd",
 ]
 
 
