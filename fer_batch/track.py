@@ -53,6 +53,10 @@ ACCEL_STD = 3.0  # face sizes / s^2 (white-noise acceleration)
 MEAS_STD = 0.15  # face sizes: jitter of the detected centre
 INIT_VEL_STD = 2.0  # face sizes / s: speed a new face may already have
 MAX_SPEED = 6.0  # face sizes / s: velocity estimates are clipped to this
+# An unseen face is extrapolated along its velocity for at most COAST_S seconds, then held
+# still (its uncertainty keeps growing). Hidden faces often stop or turn (a face that steps
+# out of the frame and back); raising it suits faces that keep walking behind occluders.
+COAST_S = 1.0
 # A track's centre may be at most GATE_SIGMA standard deviations of its prediction away
 # (3.0 keeps ~99% of true matches of a 2-d Gaussian). Raising it bridges longer or more
 # erratic gaps, lowering it splits tracks sooner. GATE_MAX_SIZES caps the gate radius (in face
@@ -136,7 +140,9 @@ class _Track:
             F = np.array([[1.0, dt], [0.0, 1.0]])
             q = (ACCEL_STD * self.size) ** 2
             Q = q * np.array([[dt**3 / 3, dt**2 / 2], [dt**2 / 2, dt]])
-            self.pos = self.pos + self.vel * dt
+            # move only over the part of [t_state, t] within COAST_S of the last sighting
+            moving = max(min(t, self.last_seen + COAST_S) - max(self.t_state, self.last_seen), 0.0)
+            self.pos = self.pos + self.vel * moving
             self.P = F @ self.P @ F.T + Q
         self.t_state = t
 
