@@ -133,6 +133,17 @@ class RunOutputs:
         self._faces.write(faces)
         self._track_parts.append(tracks_table(faces))
 
+    def write_faces(self, faces: pa.Table) -> None:
+        """Stream face rows only; their track summaries come through :meth:`add_tracks`.
+
+        For a runner that writes one source in several pieces (Ray segments) and summarises
+        its tracks once the source is complete.
+        """
+        self._faces.write(faces)
+
+    def add_tracks(self, tracks: pa.Table) -> None:
+        self._track_parts.append(tracks)
+
     def finish(self, source_rows: list[dict]) -> None:
         """Close the faces file and write the sources and tracks tables."""
         from fer_batch.schema import rows_to_table

@@ -1,0 +1,156 @@
+"""The Ray runner: segment planning and stitching (pure), then real Ray end to end.
+
+Real Ray only, bound to 127.0.0.1, in private temp folders; never ``ray stop`` (it would kill
+every Ray process of the machine): each test ends exactly what it started.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (read at ray import)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fer_batch.pipeline import smooth_probs
+from fer_batch.runners import ray as rr
+from fer_batch.schema import FACES_SCHEMA, PROB_COLUMNS, SMOOTH_COLUMNS, faces_to_table, tracks_table
+from fer_batch.types import FaceDetections, MediaSource
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_split_times_partitions_frames_and_overlaps():
+    ts = np.arange(0, 6, 0.25)  # 4 fps, 6 s
+    pieces = rr.split_times(ts, segment_s=2.0, overlap_frames=4, overlap_s=0.5)
+    assert len(pieces) == 3
+    owned = []
+    for (own, read) in pieces:
+        m = (ts >= own[0] - 1e-4) & (ts < own[1] - 1e-4)
+        owned.append(np.flatnonzero(m))
+        assert read[1] == own[1] and read[0] <= own[0]
+    # every planned frame owned exactly once, in order
+    assert np.array_equal(np.concatenate(owned), np.arange(len(ts)))
+    # later segments re-read 4 sampled frames (1 s at 4 fps) before their start
+    assert pieces[1][1][0] == pytest.approx(1.0) and pieces[2][1][0] == pytest.approx(3.0)
+    # lost_s longer than 4 frames widens the overlap
+    wide = rr.split_times(ts, 2.0, 4, overlap_s=1.5)
+    assert wide[2][1][0] == pytest.approx(2.5)
+    # short sources, a short remainder, no frames: one unit
+    assert len(rr.split_times(ts, 10.0)) == 1
+    assert len(rr.split_times(np.arange(0, 2.3, 0.25), 2.0)) == 1
+    assert rr.split_times(np.zeros(0), 2.0) == [((-math.inf, math.inf), (-math.inf, math.inf))]
+
+
+def _faces(frames, boxes, ids, probs=None, t_per_frame=0.25, source="s"):
+    """A FACES_SCHEMA table of synthetic faces."""
+    n = len(frames)
+    rng = np.random.default_rng(0)
+    probs = probs if probs is not None else rng.dirichlet(np.ones(7), n).astype(np.float32)
+    d = FaceDetections(
+        frame_index=np.asarray(frames, np.int64), timestamp_s=np.asarray(frames) * t_per_frame,
+        xyxy=np.asarray(boxes, np.float32), det_score=np.full(n, 0.9, np.float32),
+        kps=np.zeros((n, 5, 2), np.float32), track_id=np.asarray(ids, np.int64), probs=probs,
+    )  # fmt: skip
+    return faces_to_table(source, f"/{source}.mp4", d)
+
+
+def _world(n_frames=24):
+    """Ground truth: 3 faces; face 2 leaves at frame 9 and a new face 3 appears at frame 14."""
+    frames, boxes, ids = [], [], []
+    for f in range(n_frames):
+        for k, (x, y) in enumerate([(10, 10), (200, 50), (400, 300), (100, 300)]):
+            alive = (k < 2) or (k == 2 and f < 9) or (k == 3 and f >= 14)
+            if alive:
+                frames.append(f)
+                boxes.append([x + 3 * f, y, x + 3 * f + 60, y + 70])
+                ids.append(k)
+    return np.array(frames), np.array(boxes, np.float32), np.array(ids)
+
+
+def _segment_view(frames, boxes, ids, read, rng):
+    """What a segment's own fresh tracker would output: rows in ``read``, ids renumbered."""
+    t = frames * 0.25
+    m = (t >= read[0] - 1e-4) & (t < read[1] - 1e-4)
+    f, b, g = frames[m], boxes[m], ids[m]
+    order = list(dict.fromkeys(g.tolist()))
+    perm = rng.permutation(len(order))  # arbitrary local numbering
+    local = np.array([perm[order.index(x)] for x in g])
+    return f, b, local
+
+
+def test_stitcher_keeps_each_row_once_and_ids_across_borders():
+    frames, boxes, ids = _world()
+    table = _faces(frames, boxes, ids)
+    probs = np.stack([table.column(c).to_numpy() for c in PROB_COLUMNS], axis=1)
+    ts = np.arange(24) * 0.25
+    pieces = rr.split_times(ts, 2.0, overlap_frames=4, overlap_s=0.0)
+    assert len(pieces) == 3
+    rng = np.random.default_rng(1)
+    st = rr.Stitcher()
+    out = []
+    for k, (own, read) in enumerate(pieces):
+        f, b, local = _segment_view(frames, boxes, ids, read, rng)
+        sel = np.isin(np.arange(len(frames)), np.flatnonzero((frames * 0.25 >= read[0] - 1e-4) & (frames * 0.25 < read[1] - 1e-4)))
+        seg = _faces(f, b, local, probs=probs[sel])
+        keep_from = pieces[k + 1][1][0] if k + 1 < len(pieces) else None
+        out.append(st.add(seg, own, keep_from=keep_from))
+    got = pa.concat_tables(out)
+    assert got.num_rows == table.num_rows  # nothing lost, nothing twice
+    key = lambda tb: sorted(zip(tb.column("frame_index").to_pylist(), tb.column("x1").to_pylist()))  # noqa: E731
+    assert key(got) == key(table)
+    # ids equal the truth up to renumbering: a bijection
+    pairs = set(zip(got.sort_by([("frame_index", "ascending"), ("x1", "ascending")]).column("track_id").to_pylist(),
+                    table.sort_by([("frame_index", "ascending"), ("x1", "ascending")]).column("track_id").to_pylist()))
+    assert len(pairs) == 4 and len({a for a, _ in pairs}) == 4 and len({b for _, b in pairs}) == 4
+    # ids are dense and in order of first appearance
+    assert sorted({a for a, _ in pairs}) == [0, 1, 2, 3]
+
+
+def test_window_smoother_equals_whole_source_smoothing():
+    frames, boxes, ids = _world()
+    table = _faces(frames, boxes, ids).sort_by([("frame_index", "ascending"), ("x1", "ascending")])
+    t = table.column("timestamp_s").to_numpy()
+    probs = np.stack([table.column(c).to_numpy() for c in PROB_COLUMNS], axis=1)
+    want = smooth_probs(table.column("track_id").to_numpy(), t, probs, 1.5)
+    sm = rr.WindowSmoother(1.5)
+    out = []
+    edges = [-math.inf, 1.0, 2.0, 4.5, math.inf]
+    for a, b in zip(edges[:-1], edges[1:]):
+        seg = table.filter(pa.array((t >= a) & (t < b)))
+        out += sm.push((a, b), seg)
+    out += sm.finish()
+    got = pa.concat_tables(out)
+    assert got.num_rows == table.num_rows
+    got_sm = np.stack([got.column(c).to_numpy() for c in SMOOTH_COLUMNS], axis=1)
+    np.testing.assert_allclose(got_sm, want, atol=1e-5)
+
+
+def test_track_accumulator_equals_tracks_table():
+    frames, boxes, ids = _world()
+    table = _faces(frames, boxes, ids)
+    acc = rr.TrackAccumulator("s", "/s.mp4")
+    for lo in range(0, table.num_rows, 7):
+        acc.add(table.slice(lo, 7))
+    got, want = acc.table(), tracks_table(table)
+    assert got.column_names == want.column_names
+    for c in got.column_names:
+        if c.startswith("mean_"):
+            np.testing.assert_allclose(got.column(c).to_numpy(), want.column(c).to_numpy(), atol=1e-6)
+        else:
+            assert got.column(c).to_pylist() == want.column(c).to_pylist(), c
+
+
+def test_staging_location_is_next_to_output_or_under_staging_prefix(tmp_path):
+    local, private = rr.staging_location(str(tmp_path / "out" / "report.parquet"), "RUN")
+    assert not private and local == str(tmp_path / "out" / ".report.parquet.staging-RUN")
+    uri, _ = rr.staging_location("s3://bucket/a/report.parquet", "RUN")
+    assert uri == "s3://bucket/a/_staging/RUN"
+    unit = rr.WorkUnit(MediaSource(tmp_path / "a.mp4", "video", "abc"), index=2, count=5)
+    assert unit.part_name == "abc/00002-of-00005.parquet"
+    assert FACES_SCHEMA.names[0] == "source_id"
