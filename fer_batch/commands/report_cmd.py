@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -129,21 +130,31 @@ def summary(
     top.add_row("duration", f"{_num(figs.duration_s)} s")
     top.add_row("faces (tracks)", str(figs.faces))
     top.add_row("face time", f"{_num(figs.face_time_s)} s")
-    top.add_row("positive / negative / neutral / surprise", " / ".join(_pct(figs.valence[g]) for g in ("positive", "negative", "neutral", "surprise")))
+    top.add_row("positive/negative/neutral/surprise", " / ".join(_pct(figs.valence[g]) for g in ("positive", "negative", "neutral", "surprise")))
     top.add_row("per emotion", ", ".join(f"{e} {_pct(figs.shares[e])}" for e in EMOTIONS))
     top.add_row("emotion changes per minute", _num(figs.changes_per_min))
     top.add_row("key moments", str(s["key_moments"]))
     con.print(top)
-    t = Table(title="Sources")
-    for c in ("source", "status", "duration s", "faces", "pos", "neg", "neu", "sur", "dominant", "changes/min", "moments", "top negative"):
-        t.add_column(c, overflow="fold")
+    t = Table(
+        title="Sources", box=box.SIMPLE_HEAD, pad_edge=False,
+        caption="valence %: share of face time positive/negative/neutral/surprise",
+    )
+    t.add_column("source", no_wrap=True, overflow="ellipsis", min_width=8, max_width=40)
+    wide = con.width >= 110  # the top-negative column only where it fits
+    for c in ("status", "dur s", "faces", "valence %", "dominant", "chg/min", "moments", "top negative")[: 8 if wide else 7]:
+        t.add_column(c, no_wrap=True, justify="left" if c in ("status", "dominant", "top negative") else "right")
+    notes = []
     for sf, r in zip(figs.sources, rows):
+        val = "/".join(f"{100 * sf.valence[g]:.0f}" for g in ("positive", "negative", "neutral", "surprise")) if sf.rows else "–"
         t.add_row(
-            Path(sf.path).name, sf.status, _num(sf.duration_s), str(sf.faces),
-            *[_pct(sf.valence[g]) if sf.rows else "–" for g in ("positive", "negative", "neutral", "surprise")],
-            sf.dominant or "–", _num(sf.changes_per_min), str(r["key_moments"]), r["top_negative"] or (sf.error or "–"),
+            Path(sf.path).name, sf.status, _num(sf.duration_s), str(sf.faces), val,
+            sf.dominant or "–", _num(sf.changes_per_min), str(r["key_moments"]), *([r["top_negative"] or "–"] if wide else []),
         )
+        if sf.error:
+            notes.append(f"{Path(sf.path).name} ({sf.status}): {sf.error}")
     con.print(t)
+    for n in notes:
+        con.print(n, highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -194,7 +194,7 @@ class SourceFigures:
             "changes_per_min": _round(self.changes_per_min),
             "key_moments": len(self.moments),
             "negative_moments": len(neg),
-            "top_negative": f"{top.emotion} {top.value:.2f} @ {top.time_s:.1f}s" if top else None,
+            "top_negative": f"{top.emotion} {top.value:.2f} @{top.time_s:.1f}s" if top else None,
             "error": self.error,
         }
 

@@ -2,7 +2,8 @@
 
 Only used with ``fer-batch report --thumbnails`` (faces are personal data; the default report
 holds none). Frames are read by ``source_path`` and the row's ``frame_index`` (the sampled
-frame the timestamp belongs to): decord for videos, PIL for images (EXIF orientation applied).
+frame the timestamp belongs to): decord for videos, :func:`fer_batch.io.read_image` for images
+(EXIF orientation applied).
 A source that is missing or unreadable gives a note, never an exception.
 """
 
@@ -11,16 +12,14 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 THUMB_PX = 96  # longest side of a thumbnail
 MARGIN = 0.25  # box grown by this fraction on each side (some context around the face)
 
@@ -34,28 +33,31 @@ class ThumbRequest:
     box: tuple[float, float, float, float]
 
 
-def _natural_key(p: Path) -> list:
-    return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)]
-
-
 def _sequence_files(folder: Path) -> list[Path]:
-    """The images of a folder read as one sequence, in name order (digits compared as numbers)."""
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()), key=_natural_key)
+    """The frames of an image-sequence source, as ``fer-batch process`` orders them (images of
+    the folder, hidden names skipped, natural name order)."""
+    from fer_batch.io import media_kind, natural_key
+
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and media_kind(p) == "image"]
+    return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def _load_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"))
+def _rgb(path: Path) -> np.ndarray:
+    from fer_batch.io import read_image  # EXIF orientation, odd modes, size guard
+
+    return read_image(path)[:, :, ::-1]
 
 
 def _read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
-    """RGB frames of ``path`` by frame index."""
+    """RGB frames of ``path`` by frame index (decord applies the video's rotation itself, as
+    in ``fer-batch process``, so boxes match)."""
+    from fer_batch.io import media_kind
+
     if path.is_dir():
         files = _sequence_files(path)
-        return {i: _load_image(files[i]) for i in indices if 0 <= i < len(files)}
-    if path.suffix.lower() in IMAGE_EXTS:
-        img = _load_image(path)
+        return {i: _rgb(files[i]) for i in indices if 0 <= i < len(files)}
+    if media_kind(path) == "image":
+        img = _rgb(path)
         return {i: img for i in indices}
     import decord  # imported lazily: only thumbnails of videos need it
 
