@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = "_state"
 RUNS_DIR = "_runs"
 CORRUPT_DIR = "_corrupt"
+STAGING_DIR = "_staging"  # the Ray runner's intermediate files during a run
 LOCK_NAME = ".lock"
 STATE_FORMAT = 1
 META_INCREMENTAL = b"fer_batch.incremental"
@@ -506,6 +508,9 @@ class IncrementalDataset:
     def _reconcile(self) -> None:
         """Make the state agree with the part files present (the source of truth)."""
         state, problem = self._load_state()
+        if (self.root / STAGING_DIR).exists():  # left by a Ray run that was killed: nothing landed from it
+            shutil.rmtree(self.root / STAGING_DIR, ignore_errors=True)
+            log.info("removed the staging folder of an interrupted Ray run")
         known = {s["part"]: (sid, s) for sid, s in state.sources.items() if "part" in s}
         report = {"state": problem or "ok", "temp_removed": 0, "superseded_removed": 0, "corrupt_moved": 0,
                   "parts": 0, "parts_read": 0, "parts_adopted": 0, "state_entries_dropped": 0}
@@ -675,6 +680,9 @@ class IncrementalDataset:
             else:
                 outcome, reason = "changed", "retrying a failed input"
             work.append(WorkItem(src, outcome, reason, content, files))
+        # Forget cached stats of files no longer among the inputs (model files are kept).
+        listed = {str(p) for src in sources for p in source_files(src)}
+        self.state.files = {k: v for k, v in self.state.files.items() if k in listed or "sha256" in v}
         return Plan(self.run_id, run_fp, models, work, outcomes, hashed, time.perf_counter() - t0)
 
     # --- execute -----------------------------------------------------------------------------------
@@ -720,19 +728,7 @@ class IncrementalDataset:
 
         device = resolve_device(cfg.classify.device)
         if cfg.runner == "ray":
-            from fer_batch.runners import ray as ray_runner
-
-            iter_results = getattr(ray_runner, "iter_results", None)
-            if iter_results is None:
-                raise ConfigError("--incremental with --runner ray needs fer_batch.runners.ray.iter_results")
-            by_sid = {w.source.source_id: w for w in plan.work}
-            stream, models_info = iter_results([w.source for w in plan.work], cfg, device, hook=hook)
-
-            def gen_ray():
-                for res in stream:
-                    yield by_sid[res.row["source_id"]], res
-
-            return gen_ray(), models_info, device
+            return self._ray_results(plan, cfg, device, hook)
         stages = Stages(cfg, device).setup()
         models_info = stages.models_info()
 
@@ -744,6 +740,38 @@ class IncrementalDataset:
                 stages.teardown()
 
         return gen(), models_info, device
+
+    def _ray_results(self, plan: Plan, cfg: RunConfig, device: str, hook) -> tuple[Iterator, dict, str]:
+        """Run the work on Ray (``run_ray`` into ``_staging/<run_id>/``), then land per source.
+
+        The Ray runner writes one faces file for the whole run; the parts land after it
+        returns. A Ray run killed midway lands nothing and its inputs are redone next time
+        (exactly once still holds: nothing landed twice).
+        """
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        from fer_batch.pipeline import SourceResult
+        from fer_batch.runners.ray import run_ray
+
+        staging = self.root / STAGING_DIR / plan.run_id
+        staging.mkdir(parents=True, exist_ok=True)
+        out = staging / "faces.parquet"
+        result = run_ray([w.source for w in plan.work], [], str(out), cfg, device, hook=hook)
+        rows = {r["source_id"]: r for r in result.sources.to_pylist()}
+        faces = pads.dataset(str(out), format="parquet")
+
+        def gen():
+            try:
+                for item in plan.work:
+                    sid = item.source.source_id
+                    table = faces.to_table(filter=pc.field("source_id") == sid).cast(FACES_SCHEMA)
+                    row = rows.get(sid) or _failed_row(item.source, "the Ray runner returned no result")
+                    yield item, SourceResult(table, row)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        return gen(), result.models, device
 
     def _land(self, item: WorkItem, res, plan: Plan, cfg: RunConfig, models_info: dict) -> dict:
         """Write one source's part (or record its failure) and update the state."""
