@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "fer_batch.commands.doctor_cmd",
     "fer_batch.commands.bench_cmd",
     "fer_batch.commands.report_cmd",
+    "fer_batch.commands.sample_cmd",
 ]
 
 

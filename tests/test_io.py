@@ -1,0 +1,425 @@
+"""Inputs: discovery, sampling plans, video/image decoding, bad files (all on generated media)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fer_batch import synth
+from fer_batch.config import SamplingConfig
+from fer_batch.errors import DecodeError
+from fer_batch.io import MediaReader, discover, read_image, sample_indices, source_id_for
+from fer_batch.io.discover import natural_key
+from fer_batch.types import MediaSource
+
+
+def video_source(path) -> MediaSource:
+    p = Path(path)
+    return MediaSource(path=p, kind="video", source_id=source_id_for(p))
+
+
+def read_all(path, sampling=SamplingConfig(fps=None), **kw):
+    with MediaReader(video_source(path), sampling, **kw) as r:
+        return list(r), r
+
+
+# ---------------------------------------------------------------------------- discover
+def test_discover_walks_folders_in_natural_order(tmp_path, sample_video, image_folder):
+    root = tmp_path / "in"
+    (root / "b" / "deep").mkdir(parents=True)
+    shutil.copy(sample_video.path, root / "clip10.mp4")
+    shutil.copy(sample_video.path, root / "clip9.MP4")
+    shutil.copy(image_folder[0].path, root / "b" / "img2.jpg")
+    shutil.copy(image_folder[1].path, root / "b" / "img10.png")
+    shutil.copy(image_folder[2].path, root / "b" / "deep" / "x.bmp")
+    (root / "b" / "readme.txt").write_text("hello")
+    (root / ".DS_Store").write_bytes(b"\0\0")
+    (root / "._clip9.mp4").write_bytes(b"\0" * 10)  # macOS resource fork: hidden, ignored
+
+    sources, rows = discover([root, root / "clip9.MP4", tmp_path / "nope.mov"], SamplingConfig())
+    names = [s.path.name for s in sources]
+    # a folder's files first, then its subfolders, each in natural order; clip9 listed again: once
+    assert names == ["clip9.MP4", "clip10.mp4", "img2.jpg", "img10.png", "x.bmp"]
+    assert [s.kind for s in sources] == ["video", "video", "image", "image", "image"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) == {"readme.txt", "nope.mov"}
+    assert by_name["readme.txt"]["status"] == "skipped" and by_name["readme.txt"]["kind"] == "other"
+    assert "not a media file" in by_name["readme.txt"]["error"]
+    assert by_name["nope.mov"]["status"] == "failed" and "no such file" in by_name["nope.mov"]["error"]
+    for r in rows:
+        assert r["frames_sampled"] == 0 and r["faces"] == 0 and r["tracks"] == 0 and r["wall_s"] == 0.0
+        assert len(r["source_id"]) == 12
+    # ids are stable and distinct; paths are absolute
+    again, _ = discover([root], SamplingConfig())
+    assert [s.source_id for s in again] == [s.source_id for s in sources]
+    assert len({s.source_id for s in sources}) == len(sources)
+    assert all(s.path.is_absolute() for s in sources)
+
+
+def test_discover_images_as_sequence(tmp_path, image_folder, sample_video):
+    d = tmp_path / "seq"
+    (d / "sub").mkdir(parents=True)
+    for i, img in enumerate(image_folder[:3]):
+        shutil.copy(img.path, d / f"frame{i * 5}{img.path.suffix}")  # frame0, frame5, frame10
+    shutil.copy(image_folder[3].path, d / "sub" / "a.webp")
+    shutil.copy(sample_video.path, d / "v.mp4")
+    cfg = SamplingConfig(images_as="sequence", image_fps=4.0)
+    sources, rows = discover([d, image_folder[4].path], cfg)
+    assert rows == []
+    kinds = [(s.kind, s.path.name) for s in sources]
+    assert kinds == [("video", "v.mp4"), ("image_sequence", "seq"), ("image_sequence", "sub"), ("image", image_folder[4].path.name)]
+    seq = sources[1]
+    assert [f.name for f in seq.frames] == ["frame0.jpg", "frame5.png", "frame10.bmp"]
+    assert seq.fps == 4.0
+
+
+def test_natural_key():
+    names = ["f10.png", "f2.png", "F1.png", "f1b.png", "g.png"]
+    assert sorted(names, key=natural_key) == ["F1.png", "f1b.png", "f2.png", "f10.png", "g.png"]
+
+
+# ---------------------------------------------------------------------------- sampling plan
+def test_sample_indices_fps_grid_cfr():
+    ts = np.arange(250) / 25.0  # 10 s at 25 fps
+    idx = sample_indices(ts, SamplingConfig(fps=2.0))
+    # first frame at or after k/2 s: 0, 0.52 (13), 1.0 (25), ...
+    assert idx[:5].tolist() == [0, 13, 25, 38, 50]
+    assert len(idx) == 20
+    assert sample_indices(ts, SamplingConfig(fps=100.0)).tolist() == list(range(250))  # above native: all
+    assert sample_indices(ts, SamplingConfig(fps=None)).tolist() == list(range(250))
+
+
+def test_sample_indices_float32_timestamps_on_grid():
+    ts = (np.arange(300, dtype=np.float32) / np.float32(30.0)).astype(np.float64)  # decord gives float32
+    idx = sample_indices(ts, SamplingConfig(fps=2.0))
+    assert idx[:4].tolist() == [0, 15, 30, 45]
+
+
+def test_sample_indices_every_start_end_max():
+    ts = np.arange(100) / 10.0
+    assert sample_indices(ts, SamplingConfig(every=7)).tolist() == list(range(0, 100, 7))
+    idx = sample_indices(ts, SamplingConfig(every=3, start_s=2.05, end_s=4.0))
+    assert idx.tolist() == [21, 24, 27, 30, 33, 36, 39]  # phase counted from the first frame >= start
+    idx = sample_indices(ts, SamplingConfig(fps=1.0, start_s=2.5))
+    assert idx.tolist() == [25, 35, 45, 55, 65, 75, 85, 95]  # grid anchored at start
+    assert sample_indices(ts, SamplingConfig(fps=1.0, max_frames=3)).tolist() == [0, 10, 20]
+    assert sample_indices(ts, SamplingConfig(fps=1.0, start_s=20.0)).tolist() == []
+
+
+def test_sample_indices_vfr_takes_first_frame_at_or_after_each_grid_time():
+    # 0..2 s at 30 fps, then 2..6 s at 5 fps, then a 1.3 s frame, then 10 fps
+    ts = np.concatenate([np.arange(60) / 30, 2 + np.arange(20) / 5, [6.0], 7.3 + np.arange(10) / 10])
+    idx = sample_indices(ts, SamplingConfig(fps=2.0))
+    got = ts[idx]
+    grid = np.arange(0, 8.5, 0.5)
+    expect = []
+    for g in grid:
+        j = np.searchsorted(ts, g - 1e-9)
+        if j < len(ts) and (not expect or j > expect[-1]):
+            expect.append(int(j))
+    assert idx.tolist() == expect
+    assert np.all(np.diff(got) > 0)
+    # the 1.3 s frame at 6.0 serves grid 6.0 only; 6.5 and 7.0 are served by the next frame (7.3)
+    assert 6.0 in got.tolist() and 7.3 in np.round(got, 6).tolist()
+
+
+def test_segments_concatenate_to_the_whole_plan():
+    rng = np.random.default_rng(3)
+    ts = np.cumsum(rng.uniform(0.01, 0.2, 2000))
+    ts -= ts[0]
+    for cfg in (SamplingConfig(fps=2.0), SamplingConfig(every=5), SamplingConfig(fps=3.0, start_s=7.0, max_frames=40)):
+        whole = sample_indices(ts, cfg)
+        cuts = np.sort(rng.uniform(0, ts[-1], 6))
+        cuts = np.concatenate([[0.0], cuts, [ts[-1] + 1]])
+        parts = [sample_indices(ts, cfg, (a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        assert np.concatenate(parts).tolist() == whole.tolist()
+    # a cut exactly on a (float32-rounded) frame time puts the frame in exactly one segment
+    ts32 = (np.arange(100, dtype=np.float32) / np.float32(30)).astype(np.float64)
+    a = sample_indices(ts32, SamplingConfig(fps=None), (0.0, 1.0))
+    b = sample_indices(ts32, SamplingConfig(fps=None), (1.0, 5.0))
+    assert a[-1] == 29 and b[0] == 30
+
+
+# ---------------------------------------------------------------------------- video reading
+def test_video_reader_samples_real_frames_at_2fps(sample_video):
+    frames, r = read_all(sample_video.path, SamplingConfig())
+    assert (r.width, r.height) == (640, 360)
+    assert r.frame_count == sample_video.frame_count == 100
+    assert r.native_fps == pytest.approx(25.0)
+    assert r.duration_s == pytest.approx(4.0, abs=0.05)
+    assert [f.index for f in frames] == [0, 13, 25, 38, 50, 63, 75, 88]
+    assert [f.timestamp_s for f in frames] == pytest.approx([f.index / 25 for f in frames], abs=1e-4)
+    # frames equal the same frames decoded in order (skip/seek lands on the exact frame)
+    seq, _ = read_all(sample_video.path, SamplingConfig(fps=None), allow_seek=False)
+    for f in frames:
+        assert f.image.dtype == np.uint8 and f.image.shape == (360, 640, 3)
+        assert np.array_equal(f.image, seq[f.index].image)
+    # BGR: the decoded frame matches OpenCV's decode of the same frame (OpenCV gives BGR)
+    cap = cv2.VideoCapture(str(sample_video.path))
+    ok, ref = cap.read()
+    cap.release()
+    assert ok and np.abs(ref.astype(int) - frames[0].image.astype(int)).mean() < 2.0
+
+
+def test_video_reader_every_start_end_max(sample_video):
+    frames, _ = read_all(sample_video.path, SamplingConfig(fps=None, every=10, start_s=1.0, end_s=3.0))
+    assert [f.index for f in frames] == [25, 35, 45, 55, 65]
+    frames, _ = read_all(sample_video.path, SamplingConfig(fps=5, max_frames=3))
+    assert [f.index for f in frames] == [0, 5, 10]
+
+
+def test_video_segments_match_unsegmented_run(sample_video):
+    cfg = SamplingConfig(fps=3.0)
+    whole, _ = read_all(sample_video.path, cfg)
+    parts = []
+    for seg in ((0.0, 1.3), (1.3, 2.0), (2.0, 99.0)):
+        got, _ = read_all(sample_video.path, cfg, segment=seg)
+        parts += got
+    assert [f.index for f in parts] == [f.index for f in whole]
+    for a, b in zip(parts, whole):
+        assert a.timestamp_s == b.timestamp_s and np.array_equal(a.image, b.image)
+
+
+CONTAINERS = [("mp4v", ".mov"), ("MJPG", ".avi"), ("XVID", ".avi"), ("FMP4", ".mkv"), ("VP80", ".webm"),
+              ("WMV2", ".wmv"), ("PIM1", ".mpg"), ("mp4v", ".ts"), ("FLV1", ".flv")]  # fmt: skip
+
+
+@pytest.mark.parametrize("fourcc,ext", CONTAINERS, ids=[f"{c}{e}" for c, e in CONTAINERS])
+def test_containers_sampled_frames_equal_in_order_decoding(tmp_path, fourcc, ext):
+    p = tmp_path / f"clip{ext}"
+    try:
+        synth.make_sample_video(p, seconds=3, fps=25, size=(256, 144), fourcc=fourcc)
+    except Exception as e:  # an OpenCV build without this encoder
+        pytest.skip(f"OpenCV cannot write {fourcc}{ext}: {e}")
+    seq, r = read_all(p, SamplingConfig(fps=None), allow_seek=False)
+    assert r.frame_count == len(seq) == 75
+    assert [f.timestamp_s for f in seq] == pytest.approx([i / 25 for i in range(75)], abs=2e-3)
+    sampled, _ = read_all(p, SamplingConfig(fps=None, every=7))
+    assert [f.index for f in sampled] == list(range(0, 75, 7))
+    for f in sampled:
+        assert np.array_equal(f.image, seq[f.index].image), f"frame {f.index} differs"
+
+
+def test_variable_frame_rate_uses_real_timestamps(tmp_path):
+    durs = np.array([1 / 30] * 60 + [1 / 5] * 15 + [1.0] + [1 / 10] * 20)  # 2 s fast, 3 s slow, a 1 s frame
+    vid = synth.make_vfr_video(tmp_path / "vfr.mp4", durs, size=(256, 144))
+    frames, r = read_all(vid.path, SamplingConfig(fps=None))
+    got_ts = np.array([f.timestamp_s for f in frames])
+    assert got_ts == pytest.approx(vid.timestamps, abs=1e-3)
+    assert r.duration_s == pytest.approx(durs.sum(), abs=0.01)
+    assert abs(r.native_fps - 30.0) > 5  # the container's average is not the local rate
+    sampled, _ = read_all(vid.path, SamplingConfig(fps=2.0))
+    expect = sample_indices(vid.timestamps, SamplingConfig(fps=2.0))
+    assert [f.index for f in sampled] == expect.tolist()
+    for f in sampled:  # a sampled frame is the first one at or after its grid time
+        assert np.array_equal(f.image, frames[f.index].image)
+    # one frame per half second while the footage is at >= 2 fps
+    fast = [f.timestamp_s for f in sampled if f.timestamp_s < 5.0]
+    assert len(fast) == 10
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotation_metadata_is_applied(tmp_path, sample_video, degrees):
+    rotated = synth.set_rotation(sample_video.path, tmp_path / f"rot{degrees}.mp4", degrees)
+    plain, _ = read_all(sample_video.path, SamplingConfig(fps=1.0))
+    turned, r = read_all(rotated, SamplingConfig(fps=1.0))
+    code = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}[degrees]
+    expect_wh = (360, 640) if degrees in (90, 270) else (640, 360)
+    assert (r.width, r.height) == expect_wh
+    assert [f.index for f in turned] == [f.index for f in plain]
+    for a, b in zip(plain, turned):
+        assert b.image.shape == (expect_wh[1], expect_wh[0], 3)
+        assert np.array_equal(cv2.rotate(a.image, code), b.image)
+    # OpenCV (which also honours the display matrix) agrees on the orientation
+    cap = cv2.VideoCapture(str(rotated))
+    assert cap.get(cv2.CAP_PROP_ORIENTATION_META) == degrees
+    ok, ref = cap.read()
+    cap.release()
+    assert ok and ref.shape == turned[0].image.shape
+    assert np.abs(ref.astype(int) - turned[0].image.astype(int)).mean() < 2.0
+
+
+# ---------------------------------------------------------------------------- images
+def test_images_every_format_decodes_upright_bgr(image_folder):
+    ref = read_image(image_folder[0].path)  # the JPEG original (half size)
+    h, w = ref.shape[:2]
+    for img in image_folder:
+        with MediaReader(MediaSource(img.path, "image", source_id_for(img.path)), SamplingConfig()) as r:
+            frames = list(r)
+        assert len(frames) == 1 and frames[0].index == 0 and frames[0].timestamp_s == 0.0
+        a = frames[0].image
+        assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3, img.path.name
+        assert (r.width, r.height) == (a.shape[1], a.shape[0])
+        if img.faces == 6 and "mirror" not in img.path.name:
+            assert a.shape[:2] == (h, w), img.path.name
+            gray_ref = cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY).astype(int)
+            diff = np.abs(cv2.cvtColor(a, cv2.COLOR_BGR2GRAY).astype(int) - gray_ref)
+            assert np.median(diff) < 8, f"{img.path.name}: content differs from the original"
+
+
+def test_image_modes_converted(image_folder):
+    by = {i.path.name: i.path for i in image_folder}
+    ref = read_image(by["01_t1.jpg"]).astype(int)
+    gray = read_image(by["05_gray.jpg"])
+    assert np.array_equal(gray[:, :, 0], gray[:, :, 1]) and np.array_equal(gray[:, :, 1], gray[:, :, 2])
+    g16 = read_image(by["08_gray16.png"])
+    assert np.abs(g16[:, :, 0].astype(int) - cv2.cvtColor(ref.astype(np.uint8), cv2.COLOR_BGR2GRAY)).mean() < 3
+    alpha = read_image(by["06_alpha.png"])
+    assert alpha[:10].max() == 0  # transparent band composited on black
+    assert np.abs(alpha[40:].astype(int) - ref[40:]).mean() < 3
+    exif = read_image(by["07_exif_rot6.jpg"])
+    assert exif.shape == ref.shape and np.abs(exif.astype(int) - ref).mean() < 4
+    cmyk = read_image(by["09_cmyk.jpg"])
+    assert np.abs(cmyk.astype(int) - ref).mean() < 6
+    # BGR order: the mirrored PNG is the original flipped, channel for channel
+    mirror = read_image(by["02_t1_mirror.png"])
+    assert np.abs(mirror[:, ::-1].astype(int) - ref).mean() < 3
+
+
+def test_image_sequence_reader(tmp_path, image_folder, bad_files):
+    d = tmp_path / "seq"
+    d.mkdir()
+    for i in range(4):
+        shutil.copy(image_folder[0].path, d / f"f{i}.jpg")
+    cfg = SamplingConfig(images_as="sequence", image_fps=2.0, fps=1.0)
+    (src,), rows = discover([d], cfg)
+    with MediaReader(src, cfg) as r:
+        frames = list(r)
+        assert r.duration_s == pytest.approx(2.0) and r.native_fps == 2.0 and r.frame_count == 4
+    assert [(f.index, f.timestamp_s) for f in frames] == [(0, 0.0), (2, 1.0)]
+    # a broken image in the middle: the others are still read, then DecodeError (-> partial)
+    shutil.copy(bad_files["not_image"], d / "f1.jpg")
+    (src,), _ = discover([d], SamplingConfig(images_as="sequence", image_fps=2.0, fps=None))
+    got = []
+    with pytest.raises(DecodeError, match=r"1 of 4 images unreadable.*f1\.jpg"):
+        with MediaReader(src, SamplingConfig(images_as="sequence", fps=None)) as r:
+            for f in r:
+                got.append(f.index)
+    assert got == [0, 2, 3]
+
+
+# ---------------------------------------------------------------------------- bad input
+def _open_error(path, kind="video") -> str:
+    with pytest.raises(DecodeError) as ei:
+        MediaReader(MediaSource(Path(path), kind, source_id_for(path)), SamplingConfig()).open()
+    msg = str(ei.value)
+    assert msg.startswith(str(path)), msg
+    return msg
+
+
+def test_bad_missing_path(bad_files):
+    sources, rows = discover([bad_files["missing"]], SamplingConfig())
+    assert sources == [] and rows[0]["status"] == "failed" and "no such file" in rows[0]["error"]
+    assert "no such file" in _open_error(bad_files["missing"])
+
+
+def test_bad_zero_byte_file(bad_files):
+    assert "empty file (0 bytes)" in _open_error(bad_files["empty"])
+    assert "empty file (0 bytes)" in _open_error(bad_files["empty"], kind="image")
+
+
+def test_bad_random_bytes_with_video_extension(bad_files):
+    msg = _open_error(bad_files["random"])
+    assert "not a readable video" in msg and "no MP4/QuickTime header" in msg
+
+
+def test_bad_truncated_mp4(bad_files):
+    msg = _open_error(bad_files["truncated"])  # index at the end: cut off
+    assert "not a readable video" in msg and ("truncated" in msg or "moov" in msg)
+    msg = _open_error(bad_files["truncated_faststart"])  # index at the front, data cut off
+    assert "not a readable video" in msg and "truncated" in msg
+
+
+def test_bad_corruption_in_the_middle_keeps_frames_before_it(bad_files, sample_video):
+    a, b = bad_files["corrupt_range"]
+    samples = synth.sample_byte_ranges(sample_video.path)
+    first_hit = int(np.flatnonzero(samples[:, 0] + samples[:, 1] > a)[0])
+    src = video_source(bad_files["corrupt"])
+    for sampling in (SamplingConfig(fps=None), SamplingConfig()):
+        got = []
+        with pytest.raises(DecodeError, match="decoding failed after frame") as ei:
+            with MediaReader(src, sampling) as r:
+                for f in r:
+                    got.append(f)
+        assert str(ei.value).startswith(str(src.path))
+        plan = sample_indices(np.arange(100) / 25, sampling)
+        before = [int(i) for i in plan if i < first_hit]
+        assert [f.index for f in got][: len(before)] == before  # every frame before the damage
+        assert len(got) >= len(before) > 0
+        last_damaged = int(np.flatnonzero(samples[:, 0] < b)[-1])
+        assert got[-1].index <= last_damaged  # nothing from beyond the damage is invented
+    # the kept frames are the real ones
+    good, _ = read_all(sample_video.path, SamplingConfig(fps=None))
+    for f in got[: len(before)]:
+        assert np.array_equal(f.image, good[f.index].image)
+
+
+def test_bad_image_that_is_not_an_image(bad_files):
+    assert "not an image" in _open_error(bad_files["not_image"], kind="image")
+    with pytest.raises(DecodeError, match="not an image"):
+        read_image(bad_files["not_image"])
+
+
+def test_bad_decompression_bomb_is_refused_without_decoding(bad_files):
+    for key in ("bomb", "bomb_mid"):
+        t0 = time.perf_counter()
+        with pytest.raises(DecodeError, match="decompression-bomb guard") as ei:
+            read_image(bad_files[key])
+        assert time.perf_counter() - t0 < 1.0  # nothing of 10^10 (or 1.2 * 10^8) pixels was allocated
+        assert str(ei.value).startswith(str(bad_files[key]))
+    assert "12000x10000 (120 MP)" in _open_error(bad_files["bomb_mid"], kind="image")
+    with pytest.raises(DecodeError, match="decompression-bomb"):
+        with MediaReader(MediaSource(bad_files["bomb_mid"], "image", "x"), SamplingConfig()) as r:
+            list(r)
+
+
+def test_bad_non_media_file_in_folder_is_skipped(mixed_folder):
+    sources, rows = discover([mixed_folder], SamplingConfig())
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert [Path(r["path"]).name for r in skipped] == ["notes.txt"]
+    assert skipped[0]["kind"] == "other"
+    # every media file is a source; they fail later, one by one, when opened
+    names = {s.path.name for s in sources}
+    assert {"good.mp4", "empty.mp4", "random_bytes.mp4", "truncated.mp4", "corrupt_middle.mp4"} <= names
+    assert {"not_an_image.jpg", "bomb.png"} <= names
+    statuses = {}
+    for s in sources:
+        try:
+            with MediaReader(s, SamplingConfig()) as r:
+                n = sum(1 for _ in r)
+            statuses[s.path.name] = ("ok", n)
+        except DecodeError as e:
+            statuses[s.path.name] = ("error", str(e))
+    assert statuses["good.mp4"] == ("ok", 8)
+    assert statuses["empty.mp4"][0] == "error" and statuses["bomb.png"][0] == "error"
+
+
+def test_bad_unreadable_file(bad_files):
+    if not bad_files["unreadable_blocks"]:
+        pytest.skip("running as root: chmod 000 does not stop reads")
+    sources, rows = discover([bad_files["unreadable"]], SamplingConfig())
+    assert sources == [] and rows[0]["status"] == "failed" and "permission denied" in rows[0]["error"]
+    assert "permission denied" in _open_error(bad_files["unreadable"])
+
+
+def test_unreadable_folder_reported(tmp_path):
+    d = tmp_path / "locked"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"x")
+    os.chmod(d, 0)
+    try:
+        try:
+            os.listdir(d)
+            pytest.skip("running as root: chmod 000 does not stop listing")
+        except PermissionError:
+            pass
+        sources, rows = discover([tmp_path], SamplingConfig())
+        assert sources == [] and rows[0]["status"] == "failed" and "permission denied" in rows[0]["error"]
+    finally:
+        os.chmod(d, 0o755)
