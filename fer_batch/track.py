@@ -19,8 +19,11 @@ So this module is a compact tracker in the SORT family, built for sparse samplin
   step ``dt`` between samples; process noise scales with the face size, so uncertainty (and
   the matching gate) grows with the time a face has been unseen;
 * Hungarian assignment (``scipy.optimize.linear_sum_assignment``) on a cost that mixes the
-  normalised Kalman distance of the centre, ``1 - IoU`` with the predicted box, the size ratio
-  and, when given, the cosine distance of the embeddings;
+  normalised Kalman distance of the centre (for a face missed in the last frames, the closer of
+  "kept moving" and "stayed where last seen"), ``1 - IoU`` with the predicted box, the size
+  ratio, the detection score (doubtful boxes need a closer match, so a background false
+  positive does not take over the track of a face the detector missed) and, when given, the
+  cosine distance of the embeddings;
 * a track unseen for more than ``lost_s`` ends; with embeddings, a face that matches no live
   track is compared with the ended (and unmatched) tracks and takes back the id of the most
   similar one when the cosine similarity reaches ``reid_thresh``;
@@ -53,10 +56,6 @@ ACCEL_STD = 3.0  # face sizes / s^2 (white-noise acceleration)
 MEAS_STD = 0.15  # face sizes: jitter of the detected centre
 INIT_VEL_STD = 2.0  # face sizes / s: speed a new face may already have
 MAX_SPEED = 6.0  # face sizes / s: velocity estimates are clipped to this
-# An unseen face is extrapolated along its velocity for at most COAST_S seconds, then held
-# still (its uncertainty keeps growing). Hidden faces often stop or turn (a face that steps
-# out of the frame and back); raising it suits faces that keep walking behind occluders.
-COAST_S = 1.0
 # A track's centre may be at most GATE_SIGMA standard deviations of its prediction away
 # (3.0 keeps ~99% of true matches of a 2-d Gaussian). Raising it bridges longer or more
 # erratic gaps, lowering it splits tracks sooner. GATE_MAX_SIZES caps the gate radius (in face
@@ -69,6 +68,12 @@ MAX_SIZE_RATIO = 2.0
 W_MOTION, W_IOU, W_SIZE = 0.5, 0.3, 0.2
 # With embeddings, this share of the cost is the cosine distance (1 - cos, clipped to [0, 1]).
 W_EMB = 0.5
+# Doubtful detections need a closer match: (1 - det_score) * W_SCORE is added to the cost.
+# Detector false positives on background (scores just above the threshold) then start their
+# own short track instead of pulling a face's track away while the face is missed; a real
+# face (score ~0.9+) is barely affected. Raising it protects tracks more but makes partly
+# hidden faces (lower scores) re-join their track less often.
+W_SCORE = 0.4
 SIZE_EMA = 0.5  # weight of the new observation in the smoothed face size
 MAX_GALLERY = 2000  # ended tracks kept for re-identification (oldest dropped first)
 _INF = 1e6
@@ -113,6 +118,8 @@ class _Track:
     wh: np.ndarray  # (2,) last observed width, height
     t_state: float  # time the state refers to
     last_seen: float
+    last_pos: np.ndarray | None = None  # (2,) centre when last seen
+    misses: int = 0  # frames in a row without a detection
     hits: int = 1
     emb_sum: np.ndarray | None = None
     emb: np.ndarray | None = field(default=None)  # L2-normalised mean embedding
@@ -131,6 +138,7 @@ class _Track:
         c, wh, s = _geom(box[None])
         self.pos, self.wh, self.size = c[0].astype(np.float64), wh[0].astype(np.float64), float(s[0])
         self.vel = np.zeros(2)
+        self.last_pos, self.misses = self.pos.copy(), 0
         self.P = np.diag([(MEAS_STD * self.size) ** 2, (INIT_VEL_STD * self.size) ** 2])
         self.t_state = self.last_seen = t
 
@@ -140,9 +148,7 @@ class _Track:
             F = np.array([[1.0, dt], [0.0, 1.0]])
             q = (ACCEL_STD * self.size) ** 2
             Q = q * np.array([[dt**3 / 3, dt**2 / 2], [dt**2 / 2, dt]])
-            # move only over the part of [t_state, t] within COAST_S of the last sighting
-            moving = max(min(t, self.last_seen + COAST_S) - max(self.t_state, self.last_seen), 0.0)
-            self.pos = self.pos + self.vel * moving
+            self.pos = self.pos + self.vel * dt
             self.P = F @ self.P @ F.T + Q
         self.t_state = t
 
@@ -164,6 +170,7 @@ class _Track:
         self.size = (1 - SIZE_EMA) * self.size + SIZE_EMA * float(s[0])
         self.wh = wh[0].astype(np.float64)
         self.last_seen = t
+        self.last_pos, self.misses = self.pos.copy(), 0
         self.hits += 1
         if emb is not None:
             if self.emb_sum is None or self.emb_sum.shape != emb.shape:
@@ -264,6 +271,7 @@ class FaceTracker:
         if n == 0:
             for trk in self._live:
                 trk.predict(t)
+                trk.misses += 1
             return dets.with_(track_id=ids)
         boxes = np.asarray(dets.xyxy, np.float64)
 
@@ -272,11 +280,15 @@ class FaceTracker:
             trk.predict(t)
         matched_trk: set[int] = set()
         if self._live:
-            cost = self._cost(self._live, boxes, emb)
+            cost = self._cost(self._live, boxes, emb, np.asarray(dets.det_score, np.float64))
             for r, c in _assign(cost, self.cfg.match_thresh):
                 self._live[r].update(boxes[c], t, None if emb is None else emb[c])
                 ids[c] = self._live[r].track_id
                 matched_trk.add(r)
+
+        for i, trk in enumerate(self._live):
+            if i not in matched_trk:
+                trk.misses += 1
 
         # 2) re-identification by embedding: unmatched faces vs ended and unmatched tracks.
         free = np.flatnonzero(ids < 0)
@@ -347,13 +359,20 @@ class FaceTracker:
         if len(self._gallery) > MAX_GALLERY:
             self._gallery = self._gallery[-MAX_GALLERY:]
 
-    def _cost(self, tracks: list[_Track], boxes: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
-        """Association cost (tracks x detections) in [0, 1]; ``_INF`` where a pair is gated out."""
+    def _cost(self, tracks: list[_Track], boxes: np.ndarray, emb: np.ndarray | None, scores: np.ndarray) -> np.ndarray:
+        """Association cost (tracks x detections), about [0, 1 + W_SCORE]; ``_INF`` where gated out."""
         centres, _, sizes = _geom(boxes)
         pos = np.stack([trk.pos for trk in tracks])
         tsize = np.array([trk.size for trk in tracks])
         std = np.sqrt([trk.innovation_var() for trk in tracks])
         dist = np.linalg.norm(centres[None, :, :] - pos[:, None, :], axis=2)
+        # A face unseen in the last frame(s) either kept moving (the prediction) or stopped or
+        # turned back while hidden (where it was last seen): take the closer of the two.
+        missed = np.array([trk.misses > 0 for trk in tracks])
+        if missed.any():
+            last = np.stack([trk.last_pos for trk in tracks])
+            d_last = np.linalg.norm(centres[None, :, :] - last[:, None, :], axis=2)
+            dist = np.where(missed[:, None], np.minimum(dist, d_last), dist)
         gate = np.minimum(GATE_SIGMA * std, GATE_MAX_SIZES * tsize)[:, None]
         motion = dist / gate
         overlap = iou_matrix(np.stack([trk.box() for trk in tracks]), boxes)
@@ -367,6 +386,7 @@ class FaceTracker:
                 sim[has] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb.T
                 app = np.clip(1.0 - sim, 0.0, 1.0)
                 cost = np.where(has[:, None], (1 - W_EMB) * cost + W_EMB * app, cost)
+        cost = cost + W_SCORE * np.clip(1.0 - scores, 0.0, 1.0)[None, :]
         gated = (motion > 1.0) | (size_term > 1.0)
         return np.where(gated, _INF, cost)
 

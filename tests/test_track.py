@@ -126,6 +126,43 @@ def test_occlusion_up_to_2s_keeps_the_id(gap_s):
     assert len(set(ids[1])) == 1
 
 
+def test_face_that_steps_out_and_straight_back_keeps_its_id():
+    frames = []
+    for k in range(24):
+        t = k / FPS
+        x = 300 - 120 * t if t < 3.0 else -60 + 120 * (t - 3.0)  # out on the left, turns back
+        faces = [(1, box_at(700, 400))]
+        if x > 0:  # the detector sees it only while its centre is in the frame
+            faces.append((0, box_at(x, 300, 90)))
+        frames.append((t, faces))
+    seen = [t for t, f in frames if len(f) == 2]
+    unseen = max(b - a for a, b in zip(seen, seen[1:]))
+    assert 2.0 <= unseen < TrackConfig().lost_s
+    ids = ids_per_gt(run(FaceTracker(), frames))
+    assert len(set(ids[0])) == 1, ids[0]
+
+
+def test_false_positive_does_not_take_a_missed_faces_track():
+    """A background false positive (score just above the threshold) near a face the detector
+    missed for a second starts its own track; the face takes its id back."""
+    tracker = FaceTracker()
+    frames = []
+    for k in range(20):
+        t = k / FPS
+        faces = [(0, box_at(100 + 90 * t, 220), 0.99)]
+        if 8 <= k <= 9:  # the detector misses the face; a false positive behind it instead
+            faces = [(9, box_at(100 + 90 * 4.0 - 120, 180, 60), 0.55)]
+        frames.append((t, faces))
+    got = {}
+    for k, (t, faces) in enumerate(frames):
+        d = dets_from_boxes([b for _, b, _ in faces], t, k)
+        d = d.with_(det_score=np.array([s for _, _, s in faces], np.float32))
+        res = tracker.update(d, t)
+        for (g, _, _), tid in zip(faces, res.track_id.tolist()):
+            got.setdefault(g, set()).add(tid)
+    assert len(got[0]) == 1 and got[0].isdisjoint(got[9]), got
+
+
 def test_leave_and_return_after_lost_s_gives_a_new_id():
     cfg = TrackConfig(lost_s=3.0)
     frames = []
