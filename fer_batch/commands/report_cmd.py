@@ -37,11 +37,26 @@ def _params(peak: float, sustain: float, sustain_min: float, surprise: float, dw
     )
 
 
-_PEAK = typer.Option(0.6, "--peak-threshold", help="Min probability of a negative-emotion peak (higher: fewer, clearer peaks).")
-_SUSTAIN = typer.Option(0.5, "--sustain-threshold", help="Min probability held during a sustained negative stretch.")
-_SUSTAIN_MIN = typer.Option(3.0, "--sustain-min-s", help="Min duration (s) of a sustained negative stretch.")
-_SURPRISE = typer.Option(0.5, "--surprise-threshold", help="Min probability for a face's strongest surprise to be reported.")
-_DWELL = typer.Option(1.0, "--min-dwell-s", help="A dominant emotion must hold this long (s) to count as a change.")
+_PEAK = typer.Option(
+    0.6, "--peak-threshold",
+    help="Min probability of a negative-emotion peak. Higher: fewer, clearer peaks (mild ones missed); lower: more, incl. classifier noise.",
+)
+_SUSTAIN = typer.Option(
+    0.5, "--sustain-threshold",
+    help="Min probability held through a sustained negative stretch. Higher: only clear episodes, split at dips; lower: longer, weaker stretches.",
+)
+_SUSTAIN_MIN = typer.Option(
+    3.0, "--sustain-min-s",
+    help="Min duration (s) of a sustained negative stretch. Higher: brief episodes ignored; lower: short ones reported.",
+)
+_SURPRISE = typer.Option(
+    0.5, "--surprise-threshold",
+    help="A face's strongest surprise is reported at or above this probability. Higher: only unmistakable surprise.",
+)
+_DWELL = typer.Option(
+    1.0, "--min-dwell-s",
+    help="A dominant emotion must hold this long (s) to count as a change. Higher: only lasting changes; lower: counts flicker.",
+)
 
 
 def report(

@@ -37,7 +37,7 @@ from fer_batch.report.figures import (
     dominant_labels,
     effective_probs,
 )
-from fer_batch.report.plots import EMOTION_COLORS, timeline_svg
+from fer_batch.report.plots import EMOTION_COLORS, TimelinePlotter
 from fer_batch.types import EMOTIONS
 
 # Faces of one source that get a full timeline plot (the longest first); the others are
@@ -152,18 +152,18 @@ def _moment_rows(moments: list[Moment], thumbs: dict[int, str], with_thumbs: boo
 
 def _track_block(
     tf: TrackFigures, track_df: pd.DataFrame, sf: SourceFigures, sec: str, params: MomentParams,
-    thumbs: dict[int, str], with_thumbs: bool, plot: bool, xlim: tuple[float, float] | None,
+    thumbs: dict[int, str], with_thumbs: bool, plotter: TimelinePlotter | None, xlim: tuple[float, float] | None,
 ) -> str:
     title = (
         f"Face {tf.track_id} <span class=\"muted\">· {fmt_time(tf.first_s)} – {fmt_time(tf.last_s)}"
         f" · {tf.rows} samples · mostly {e(tf.dominant)} · {fmt_num(tf.changes_per_min)} changes/min</span>"
     )
     body = [f'<h3>{title}</h3>', share_bar(tf.shares), share_legend(tf.shares)]
-    if plot:
+    if plotter is not None:
         probs, smoothed = effective_probs(track_df)
         body.append(
             '<div class="plot">'
-            + timeline_svg(
+            + plotter.svg(
                 track_df[TIMESTAMP].to_numpy(), probs, dominant_labels(probs), sf.dt, params.gap_for(sf.dt),
                 tf.moments, smoothed, xlim,
             )
@@ -175,7 +175,7 @@ def _track_block(
 
 def source_section(
     sf: SourceFigures, faces: pd.DataFrame, sec: str, params: MomentParams, nav: str,
-    thumbs: dict[int, str], thumb_note: str | None, with_thumbs: bool,
+    thumbs: dict[int, str], thumb_note: str | None, with_thumbs: bool, plotter: TimelinePlotter,
 ) -> str:
     """The HTML of one source view."""
     name = Path(sf.path).name or sf.path
@@ -211,7 +211,8 @@ def source_section(
         span = (float(faces[TIMESTAMP].min()), float(faces[TIMESTAMP].max()) + sf.dt)
     for tf in sorted(ordered[:MAX_PLOTTED_TRACKS], key=lambda t: t.first_s):
         tdf = by_track[tf.track_id].sort_values(TIMESTAMP, kind="stable")
-        out.append(_track_block(tf, tdf, sf, sec, params, thumbs, with_thumbs, tf.track_id in plotted, span))
+        plot = plotter if tf.track_id in plotted else None
+        out.append(_track_block(tf, tdf, sf, sec, params, thumbs, with_thumbs, plot, span))
     rest = ordered[MAX_PLOTTED_TRACKS:]
     if rest:
         out.append(f"<h3>{len(rest)} more faces (shorter tracks, figures only)</h3>")
@@ -234,7 +235,7 @@ def source_section(
 _COLUMNS: list[tuple[str, str]] = [
     ("Source", "text"), ("Status", "text"), ("Duration", "num"), ("Faces", "num"), ("Emotions", "none"),
     ("Positive", "num"), ("Negative", "num"), ("Neutral", "num"), ("Surprise", "num"), ("Dominant", "text"),
-    ("Changes/min", "num"), ("Key moments", "num"), ("Top negative moment", "text"),
+    ("Changes/min", "num"), ("Key moments", "num"), ("Top negative", "text"),
 ]
 
 
@@ -461,6 +462,7 @@ def render_html(
     """
     by_src = {sid: g for sid, g in faces.groupby(SOURCE_ID, sort=False)} if len(faces) else {}
     empty = faces.iloc[0:0]
+    plotter = TimelinePlotter()
     used: set[str] = set()
     secs = [section_id(s.source_id, used) for s in figs.sources]
     sections = []
@@ -474,7 +476,9 @@ def render_html(
             want = sorted((m for m in sf.moments if m.box is not None), key=lambda m: -m.value)[:MAX_THUMBS_PER_SOURCE]
             thumbs, note = thumbs_for(sf, want)
         sections.append(
-            source_section(sf, by_src.get(sf.source_id, empty), sec, figs.params, nav, thumbs, note, thumbs_for is not None)
+            source_section(
+                sf, by_src.get(sf.source_id, empty), sec, figs.params, nav, thumbs, note, thumbs_for is not None, plotter
+            )
             .replace("<section ", f'<section data-title="{e(Path(sf.path).name or sf.path)}" ', 1)
         )
 

@@ -117,55 +117,73 @@ def band_segments(times: np.ndarray, labels: np.ndarray, dt: float, max_gap: flo
     return out
 
 
-def timeline_svg(
-    times: np.ndarray,
-    probs: np.ndarray,
-    labels: np.ndarray,
-    dt: float,
-    max_gap: float,
-    moments: list[Moment] = (),
-    smoothed: bool = False,
-    xlim: tuple[float, float] | None = None,
-) -> str:
-    """The emotion timeline of one track: the 7 probabilities over time, key moments marked,
-    and the dominant-emotion band below. Returns inline SVG."""
-    with matplotlib.rc_context(_RC):
-        return figure_to_svg(_timeline_figure(times, probs, labels, dt, max_gap, moments, smoothed, xlim))
+class TimelinePlotter:
+    """Draws emotion timelines into one reused matplotlib figure (building the axes, ticks and
+    legend once per report instead of once per face: about 2x faster). Not thread-safe: one
+    per thread."""
+
+    def __init__(self) -> None:
+        with matplotlib.rc_context(_RC):
+            self.fig = fig = Figure(figsize=(9.0, 2.7), dpi=72)
+            gs = fig.add_gridspec(2, 1, height_ratios=[5, 1], hspace=0.08, left=0.06, right=0.86, top=0.95, bottom=0.16)
+            self.ax = ax = fig.add_subplot(gs[0])
+            self.band = band = fig.add_subplot(gs[1], sharex=ax)
+            self.lines = [
+                ax.plot([], [], color=EMOTION_COLORS[e], lw=1.3 if e != "neutral" else 1.0, label=e)[0] for e in EMOTIONS
+            ]
+            ax.set_ylim(0, 1.02)
+            ax.grid(True, axis="y", lw=0.4, alpha=0.5)
+            ax.tick_params(labelbottom=False)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, fontsize=7, handlelength=1.5)
+            band.set_yticks([])
+            band.set_ylim(0, 1)
+            band.set_ylabel("dominant", rotation=0, ha="right", va="center", fontsize=7)
+            band.set_xlabel("time (s)")
+        self._transient: list = []
+
+    def svg(
+        self,
+        times: np.ndarray,
+        probs: np.ndarray,
+        labels: np.ndarray,
+        dt: float,
+        max_gap: float,
+        moments: list[Moment] = (),
+        smoothed: bool = False,
+        xlim: tuple[float, float] | None = None,
+    ) -> str:
+        """The emotion timeline of one track: the 7 probabilities over time (``probs``, (N, 7)
+        in EMOTIONS order), key moments marked, the dominant-emotion band below. Inline SVG."""
+        times = np.asarray(times, np.float64)
+        probs = np.asarray(probs, np.float64)
+        ax, band = self.ax, self.band
+        with matplotlib.rc_context(_RC):
+            for a in self._transient:
+                a.remove()
+            self._transient = []
+            t, p = _bin(times, probs, MAX_PLOT_POINTS)
+            t, p = _break_gaps(t, p, max_gap if len(t) == len(times) else max(max_gap, (t[-1] - t[0]) / MAX_PLOT_POINTS * 2.5))
+            for j, line in enumerate(self.lines):
+                line.set_data(t, p[:, j])
+            for m in moments:
+                c = EMOTION_COLORS[m.emotion]
+                if m.kind == "sustained":
+                    self._transient.append(ax.axvspan(m.start_s, m.start_s + m.duration_s, color=c, alpha=0.12, lw=0))
+                else:
+                    self._transient.append(ax.axvline(m.time_s, color=c, lw=0.8, ls="--", alpha=0.8))
+                    self._transient += ax.plot([m.time_s], [m.value], marker="v", color=c, ms=5)
+            for e, segs in band_segments(times, labels, dt, max_gap).items():
+                if segs:
+                    self._transient.append(band.broken_barh(segs, (0, 1), facecolors=EMOTION_COLORS[e], lw=0))
+            ax.set_ylabel("probability" + (" (smoothed)" if smoothed else ""))
+            if xlim is None and len(times):
+                w = dt if dt > 0 else 1.0
+                xlim = (float(times.min()), float(times.max()) + w)
+            if xlim is not None:
+                ax.set_xlim(*xlim)
+            return figure_to_svg(self.fig)
 
 
-def _timeline_figure(times, probs, labels, dt, max_gap, moments, smoothed, xlim) -> Figure:
-    times = np.asarray(times, np.float64)
-    probs = np.asarray(probs, np.float64)
-    fig = Figure(figsize=(9.0, 2.7), dpi=72)
-    gs = fig.add_gridspec(2, 1, height_ratios=[5, 1], hspace=0.08, left=0.06, right=0.86, top=0.95, bottom=0.16)
-    ax = fig.add_subplot(gs[0])
-    band = fig.add_subplot(gs[1], sharex=ax)
-    t, p = _bin(times, probs, MAX_PLOT_POINTS)
-    t, p = _break_gaps(t, p, max_gap if len(t) == len(times) else max(max_gap, (t[-1] - t[0]) / MAX_PLOT_POINTS * 2.5))
-    for j, e in enumerate(EMOTIONS):
-        ax.plot(t, p[:, j], color=EMOTION_COLORS[e], lw=1.3 if e != "neutral" else 1.0, label=e)
-    for m in moments:
-        c = EMOTION_COLORS[m.emotion]
-        if m.kind == "sustained":
-            ax.axvspan(m.start_s, m.start_s + m.duration_s, color=c, alpha=0.12, lw=0)
-        else:
-            ax.axvline(m.time_s, color=c, lw=0.8, ls="--", alpha=0.8)
-            ax.plot([m.time_s], [m.value], marker="v", color=c, ms=5)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("probability" + (" (smoothed)" if smoothed else ""))
-    ax.grid(True, axis="y", lw=0.4, alpha=0.5)
-    ax.tick_params(labelbottom=False)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, fontsize=7, handlelength=1.5)
-    for e, segs in band_segments(times, labels, dt, max_gap).items():
-        if segs:
-            band.broken_barh(segs, (0, 1), facecolors=EMOTION_COLORS[e], lw=0)
-    band.set_yticks([])
-    band.set_ylim(0, 1)
-    band.set_ylabel("dominant", rotation=0, ha="right", va="center", fontsize=7)
-    band.set_xlabel("time (s)")
-    if xlim is None and len(times):
-        w = dt if dt > 0 else 1.0
-        xlim = (float(times.min()), float(times.max()) + w)
-    if xlim is not None:
-        ax.set_xlim(*xlim)
-    return fig
+def timeline_svg(times, probs, labels, dt, max_gap, moments=(), smoothed=False, xlim=None) -> str:
+    """One timeline with a fresh figure (see :meth:`TimelinePlotter.svg`)."""
+    return TimelinePlotter().svg(times, probs, labels, dt, max_gap, moments, smoothed, xlim)
