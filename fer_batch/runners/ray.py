@@ -645,15 +645,17 @@ def embedded_env() -> dict[str, str]:
 def ray_session(cfg: RunConfig) -> Iterator[dict]:
     """Connect to Ray: reuse an initialised one, join ``cfg.ray.address``, or start a private one.
 
-    Yields a dict with ``embedded`` and ``address``. Only what this function started is
-    shut down (never a cluster it joined).
+    Without ``cfg.ray.address``, ``RAY_ADDRESS`` is honoured as ``ray.init`` does (inside a
+    Ray job it names the job's cluster), and only when neither is set is a private instance
+    started. Yields a dict with ``embedded`` and ``address``. Only what this function started
+    is shut down (never a cluster it joined).
     """
     import ray
 
     if ray.is_initialized():
         yield {"embedded": False, "address": "(already connected)"}
         return
-    address = cfg.ray.address
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log.isEnabledFor(logging.DEBUG))
@@ -755,7 +757,6 @@ def run_ray(
     Returns:
         ``fer_batch.api.ProcessResult``.
     """
-    import ray
 
     from fer_batch.api import ProcessResult
 
@@ -767,9 +768,9 @@ def run_ray(
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     rows: list[dict] = list(not_processed_rows)
     with ray_session(cfg) as session:
-        staging, private = staging_location(out, run_id)
+        staging, _ = staging_location(out, run_id)
         try:
-            faces, models, stats = _drive(sources, rows, out, cfg, staging, hook, session)
+            faces, models = _drive(sources, rows, out, cfg, staging, hook, session)
         finally:
             remove_staging(staging)
     return ProcessResult(
@@ -789,7 +790,7 @@ class _ActorSlot:
 
 def _drive(sources, rows, out, cfg, staging, hook, session):
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
 
     may_split = any(s.kind != "image" for s in sources)
     n_workers = _worker_count(cfg, len(sources), may_split) if sources else 0
@@ -916,6 +917,8 @@ def _drive(sources, rows, out, cfg, staging, hook, session):
                     queue.appendleft(unit)
                     continue
                 meta = failed_meta(unit, f"worker process died {attempts[unit.key]} times on this input: {_short(e)}")
+            except RayError as e:  # e.g. its result was lost with a node
+                meta = failed_meta(unit, f"Ray error: {_short(e)}")
             finish_unit(unit, meta)
         merge_ready()
         if sink is None:  # no sources at all (or none ever ran)
@@ -934,7 +937,7 @@ def _drive(sources, rows, out, cfg, staging, hook, session):
             _kill(s)
     log.info("Ray run: %d sources on %d workers across %d node(s)", len(sources), n_workers, len(nodes))
     hook("ray_end", {"workers": n_workers, "nodes": sorted(nodes)})
-    return faces, models, {"nodes": sorted(nodes)}
+    return faces, models
 
 
 def _kill(slot: _ActorSlot) -> None:
