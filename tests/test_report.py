@@ -689,3 +689,34 @@ def test_report_on_real_process_output(tmp_path: Path):
     assert len(thumbs) == sum(1 for m in sf.moments if m.box is not None) >= n_tracks
     for b64 in thumbs[:3]:
         assert max(Image.open(io.BytesIO(base64.b64decode(b64))).size) <= 96
+
+
+def test_images_only_and_empty_reports(tmp_path: Path):
+    """Single images (no time axis) and a run where nothing had faces both give a report."""
+    rng = np.random.default_rng(2)
+    tabs = []
+    for i in range(2):
+        p = np.stack([_probs("angry", 0.7, rng), _probs("happy", 0.6, rng)]).astype(np.float32)
+        d = FaceDetections(np.zeros(2, np.int64), np.zeros(2), np.array([[10, 10, 50, 60], [70, 10, 110, 60]]),
+                           np.full(2, 0.9), np.zeros((2, 5, 2)), np.arange(2), p)  # fmt: skip
+        tabs.append(faces_to_table(f"img{i}", f"/photos/p{i}.jpg", d))
+    imgs = tmp_path / "images.parquet"
+    pq.write_table(pa.concat_tables(tabs), imgs)
+    figs = build_report(imgs, tmp_path / "images.html")
+    # no time axis: face time 0, no changes/min; shares count faces (2 of 4 angry)
+    assert figs.face_time_s == 0 and figs.changes_per_min is None
+    assert figs.shares["angry"] == pytest.approx(0.5) and figs.shares["happy"] == pytest.approx(0.5)
+    # each angry face (0.7 >= 0.6) is a peak; no plots for single frames, the probabilities instead
+    assert [m.kind for s in figs.sources for m in s.moments] == ["peak", "peak"]
+    text = (tmp_path / "images.html").read_text()
+    assert "<svg" not in text and text.count("· probabilities") == 4
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=faces_to_table("x", "x", FaceDetections.empty()).schema), empty)
+    rows = [dict(source_id="x", path="/v/x.mp4", kind="video", status="failed", error="boom", frames_sampled=0, faces=0,
+                 tracks=0, wall_s=0.0)]  # fmt: skip
+    pq.write_table(rows_to_table(rows, SOURCES_SCHEMA), tmp_path / "empty.sources.parquet")
+    figs = build_report(empty, tmp_path / "empty.html")
+    assert figs.rows == 0 and figs.sources[0].status == "failed"
+    assert figs.summary()["share_positive"] is None  # undefined without faces, not 0
+    assert "not processed (failed)" in (tmp_path / "empty.html").read_text()

@@ -189,8 +189,7 @@ class SourceFigures:
             "rows": self.rows,
             "face_time_s": _round(self.face_time_s),
             "dominant": self.dominant,
-            **{f"share_{k}": _round(v, 4) for k, v in self.valence.items()},
-            **{f"share_{e}": _round(self.shares.get(e, 0.0), 4) for e in EMOTIONS},
+            **_shares_out(self.valence, self.shares, self.rows),
             "changes_per_min": _round(self.changes_per_min),
             "key_moments": len(self.moments),
             "negative_moments": len(neg),
@@ -227,8 +226,7 @@ class SessionFigures:
             "rows": self.rows,
             "face_time_s": _round(self.face_time_s),
             "dominant": self.dominant,
-            **{f"share_{k}": _round(v, 4) for k, v in self.valence.items()},
-            **{f"share_{e}": _round(self.shares.get(e, 0.0), 4) for e in EMOTIONS},
+            **_shares_out(self.valence, self.shares, self.rows),
             "changes_per_min": _round(self.changes_per_min),
             "key_moments": sum(len(s.moments) for s in self.sources),
             "smoothed": self.smoothed,
@@ -245,6 +243,13 @@ class SessionFigures:
                 for m in s.moments
             ],
         }
+
+
+def _shares_out(valence: dict[str, float], shares: dict[str, float], rows: int) -> dict[str, float | None]:
+    """``share_<group>`` and ``share_<emotion>`` fields; None (undefined) without any face."""
+    out = {f"share_{k}": _round(v, 4) for k, v in valence.items()}
+    out.update({f"share_{e}": _round(shares.get(e, 0.0), 4) for e in EMOTIONS})
+    return {k: (v if rows else None) for k, v in out.items()}
 
 
 def _round(v: float | None, nd: int = 3) -> float | None:

@@ -154,11 +154,20 @@ def _track_block(
     tf: TrackFigures, track_df: pd.DataFrame, sf: SourceFigures, sec: str, params: MomentParams,
     thumbs: dict[int, str], with_thumbs: bool, plotter: TimelinePlotter | None, xlim: tuple[float, float] | None,
 ) -> str:
-    title = (
-        f"Face {tf.track_id} <span class=\"muted\">· {fmt_time(tf.first_s)} – {fmt_time(tf.last_s)}"
-        f" · {tf.rows} samples · mostly {e(tf.dominant)} · {fmt_num(tf.changes_per_min)} changes/min</span>"
-    )
-    body = [f'<h3>{title}</h3>', share_bar(tf.shares), share_legend(tf.shares)]
+    if sf.dt > 0:
+        title = (
+            f"Face {tf.track_id} <span class=\"muted\">· {fmt_time(tf.first_s)} – {fmt_time(tf.last_s)}"
+            f" · {tf.rows} sample{'s' if tf.rows != 1 else ''} · mostly {e(tf.dominant)}"
+            f" · {fmt_num(tf.changes_per_min)} changes/min</span>"
+        )
+        body = [f"<h3>{title}</h3>", share_bar(tf.shares), share_legend(tf.shares)]
+    else:  # a single image: the face's probabilities say more than a share of one sample
+        probs, _ = effective_probs(track_df)
+        mean = dict(zip(EMOTIONS, probs.mean(axis=0).tolist()))
+        body = [
+            f'<h3>Face {tf.track_id} <span class="muted">· {e(tf.dominant)} · probabilities</span></h3>',
+            share_bar(mean), share_legend(mean),
+        ]
     if plotter is not None:
         probs, smoothed = effective_probs(track_df)
         body.append(
@@ -190,14 +199,26 @@ def source_section(
         out.append(f'<p class="error">{e(sf.error)}</p>')
     if thumb_note:
         out.append(f'<p class="note">{e(thumb_note)}</p>')
+    if not sf.rows and sf.status in ("failed", "skipped"):
+        out.append(f'<p class="muted">This input was not processed ({e(sf.status)}).</p>')
+        out.append(nav)
+        out.append("</section>")
+        return "\n".join(out)
+    timed = sf.dt > 0 or not sf.rows
     out.append('<div class="cards">')
-    out.append(_card("Duration", fmt_time(sf.duration_s)))
+    if timed:
+        out.append(_card("Duration", fmt_time(sf.duration_s)))
     out.append(_card("Faces", str(sf.faces), "tracks: one per face followed over time"))
-    out.append(_card("Face time", fmt_time(sf.face_time_s), "sum over faces of the time each was seen"))
-    out.append(_valence_cards(sf.valence))
-    out.append(_card("Changes / min", fmt_num(sf.changes_per_min), f"dominant-emotion changes lasting >= {params.min_dwell_s:g} s, per face-minute"))
+    if timed:
+        out.append(_card("Face time", fmt_time(sf.face_time_s), "sum over faces of the time each was seen"))
+    if sf.rows:
+        out.append(_valence_cards(sf.valence))
+    if timed:
+        hint = f"dominant-emotion changes lasting >= {params.min_dwell_s:g} s, per face-minute"
+        out.append(_card("Changes / min", fmt_num(sf.changes_per_min), hint))
     out.append(_card("Key moments", str(len(sf.moments))))
-    out.append(_card("Sampling", f"every {sf.dt:.2f} s" if sf.dt > 0 else "single frame"))
+    if sf.rows:
+        out.append(_card("Sampling", f"every {sf.dt:.2f} s" if sf.dt > 0 else "single frame"))
     out.append("</div>")
     if sf.rows:
         out.append(share_bar(sf.shares, "bar big") + share_legend(sf.shares))
