@@ -149,6 +149,9 @@ def test_rayjob_runs_incremental_process_on_the_shared_volume():
         wspec = group["template"]["spec"]
         assert wspec["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
         assert wspec["containers"][0]["image"] == head["containers"][0]["image"]
+        # Ray workers stage their rows under the dataset's _staging/: the volume must be writable
+        assert not wspec["containers"][0]["volumeMounts"][0].get("readOnly")
+    assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
 
 
 def _copy_units(tmp_path: Path) -> Path:
