@@ -313,8 +313,10 @@ def test_load_errors(tmp_path: Path):
     pq.write_table(pa.table({"a": [1, 2]}), other)
     with pytest.raises(DataError, match="missing columns"):
         load_report(other)
-    with pytest.raises(InputError, match="directory"):
-        load_report(tmp_path)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(InputError, match="without Parquet files"):
+        load_report(empty_dir)
 
 
 def test_load_without_sources_table(session: Path):
@@ -720,3 +722,20 @@ def test_images_only_and_empty_reports(tmp_path: Path):
     assert figs.rows == 0 and figs.sources[0].status == "failed"
     assert figs.summary()["share_positive"] is None  # undefined without faces, not 0
     assert "not processed (failed)" in (tmp_path / "empty.html").read_text()
+
+
+def test_report_on_partitioned_dataset(session: Path, tmp_path: Path):
+    """A dataset folder of ``--incremental`` runs (hive partitions; ``_``/``.`` names skipped)."""
+    faces = pq.read_table(session)
+    root = tmp_path / "dataset"
+    for day, sid in (("2026-01-01", "s1"), ("2026-01-02", "s2")):
+        part = root / f"date={day}"
+        part.mkdir(parents=True)
+        pq.write_table(faces.filter(pa.compute.equal(faces["source_id"], sid)), part / f"part-x-{sid}.parquet")
+    (root / "_state").mkdir()
+    (root / "_state" / "state.json").write_text("{}")
+    (root / "date=2026-01-02" / ".part-tmp.parquet.tmp").write_bytes(b"partial")
+    figs = build_report(root, tmp_path / "d.html")
+    assert sorted(s.source_id for s in figs.sources) == ["s1", "s2"]
+    assert figs.rows == faces.num_rows
+    assert figs.face_time_s == pytest.approx(140.0)

@@ -60,7 +60,7 @@ _DWELL = typer.Option(
 
 
 def report(
-    report_path: Path = typer.Argument(..., metavar="REPORT.parquet", help="The --out Parquet of `fer-batch process`."),
+    report_path: Path = typer.Argument(..., metavar="REPORT", help="The --out Parquet of `fer-batch process`, or an --incremental dataset folder."),
     html_out: Path = typer.Option(..., "--html", help="The HTML file to write (one self-contained file)."),
     thumbnails: bool = typer.Option(
         False, "--thumbnails/--no-thumbnails",
@@ -105,7 +105,7 @@ def _num(v, nd: int = 1) -> str:
 
 
 def summary(
-    report_path: Path = typer.Argument(..., metavar="REPORT.parquet", help="The --out Parquet of `fer-batch process`."),
+    report_path: Path = typer.Argument(..., metavar="REPORT", help="The --out Parquet of `fer-batch process`, or an --incremental dataset folder."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="table (terminal), csv (one row per source) or json."),
     peak: float = _PEAK,
     sustain: float = _SUSTAIN,

@@ -51,7 +51,9 @@ def _schema(path: Path, what: str) -> pa.Schema:
 
 
 def load_report(path: str | Path) -> ReportData:
-    """Read a faces table and the sources table beside it.
+    """Read a faces table and the sources table beside it, or a partitioned dataset directory
+    (``fer-batch process --incremental``: ``DATASET/date=.../part-*.parquet``; it holds no
+    sources table, so only sources with faces are listed).
 
     Raises:
         InputError: the file is missing or not Parquet.
@@ -62,7 +64,7 @@ def load_report(path: str | Path) -> ReportData:
     if not path.exists():
         raise InputError(f"{path}: no such file (expected the --out Parquet of `fer-batch process`)")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory; give the faces Parquet file (e.g. report.parquet)")
+        return _load_dataset(path)
     schema = _schema(path, "faces table")
     missing = [c for c in FACES_REQUIRED if c not in schema.names]
     if missing:
@@ -86,3 +88,29 @@ def load_report(path: str | Path) -> ReportData:
         log.warning("%s: no sources table beside it (%s); listing only sources that have faces", path, spath.name)
         spath = None
     return ReportData(path=path, faces=faces, sources=sources, meta=meta, sources_path=spath)
+
+
+def _load_dataset(root: Path) -> ReportData:
+    """The faces rows of a hive-partitioned dataset directory (names starting with ``_`` or
+    ``.`` are skipped, as pyarrow does)."""
+    import pyarrow.dataset as pads
+
+    try:
+        dset = pads.dataset(str(root), format="parquet", partitioning="hive")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{root}: cannot read the folder as a Parquet dataset: {e}") from e
+    if not dset.files:
+        raise InputError(f"{root}: is a folder without Parquet files; give report.parquet or a dataset folder")
+    missing = [c for c in FACES_REQUIRED if c not in dset.schema.names]
+    if missing:
+        raise DataError(f"{root}: not a fer-batch faces dataset: missing columns {missing}")
+    meta = read_metadata(pq.read_schema(dset.files[0]))
+    version = meta.get("schema_version")
+    if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise DataError(f"{root}: written with schema version {version}; this fer-batch reads {SCHEMA_VERSION}")
+    cols = list(FACES_REQUIRED) + [c for c in SMOOTHED if c in dset.schema.names]
+    try:
+        faces = dset.to_table(columns=cols).to_pandas()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{root}: cannot read the dataset: {e}") from e
+    return ReportData(path=root, faces=faces, sources=None, meta=meta, sources_path=None)
