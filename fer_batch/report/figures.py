@@ -38,8 +38,20 @@ from scipy.signal import find_peaks as _scipy_find_peaks
 
 from fer_batch.errors import ConfigError
 from fer_batch.report.columns import (
-    BOX, FRAME_INDEX, PROBS, SMOOTHED, SOURCE_ID, SOURCE_PATH, SRC_DURATION, SRC_ERROR, SRC_ID, SRC_KIND,
-    SRC_PATH, SRC_STATUS, TIMESTAMP, TRACK_ID,
+    BOX,
+    FRAME_INDEX,
+    PROBS,
+    SMOOTHED,
+    SOURCE_ID,
+    SOURCE_PATH,
+    SRC_DURATION,
+    SRC_ERROR,
+    SRC_ID,
+    SRC_KIND,
+    SRC_PATH,
+    SRC_STATUS,
+    TIMESTAMP,
+    TRACK_ID,
 )
 from fer_batch.types import EMOTIONS
 

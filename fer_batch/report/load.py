@@ -32,7 +32,7 @@ class ReportData:
 def companion_path(out: Path, kind: str) -> Path:
     """``report.parquet`` -> ``report.<kind>.parquet`` (kind: ``sources`` or ``tracks``)."""
     out = Path(out)
-    stem = out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+    stem = out.name.removesuffix(".parquet")
     return out.with_name(f"{stem}.{kind}.parquet")
 
 
