@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "fer_batch.commands.bench_cmd",
     "fer_batch.commands.report_cmd",
     "fer_batch.commands.sample_cmd",
+    "fer_batch.commands.train_cmd",
 ]
 
 

@@ -1,0 +1,107 @@
+"""``fer-batch train | evaluate | export``: fine-tune, measure and ship emotion models."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fer_batch.errors import ConfigError, FerBatchError
+
+log = logging.getLogger(__name__)
+
+
+def _fail(e: Exception) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {e}")
+    raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def _ints(s: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {s!r}") from e
+
+
+def train(
+    data: str = typer.Argument(..., help="Training data: image-folder tree (one sub-folder per class), Parquet (image, label) or FER2013 CSV."),
+    out: Path = typer.Option(..., "--out", help="Run folder: last.pt (every epoch), best.pt, history.jsonl."),
+    val: str = typer.Option(None, "--val", help="Separate validation DATA (else --val-fraction of DATA, duplicates kept on one side)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction"),
+    drop_unknown: bool = typer.Option(False, "--drop-unknown", help="Skip images whose label maps onto none of the 7 emotions (else an error)."),
+    arch: str = typer.Option("vgg", "--arch", help="vgg | resnet | mini_xception | tv:NAME (any torchvision classifier)."),
+    widths: str = typer.Option("32,64,128,256", "--widths", help="Channel widths per stage (vgg/resnet)."),
+    depth: int = typer.Option(2, "--depth", help="Convs per stage (vgg)."),
+    blocks: str = typer.Option("1,1,1,1", "--blocks", help="Residual blocks per stage (resnet)."),
+    dropout: float = typer.Option(0.3, "--dropout"),
+    size: int = typer.Option(48, "--size", help="Face crop side (the FER2013 framing)."),
+    crop: int = typer.Option(40, "--crop", help="Centre crop fed to the network (0 = none); random-jittered in training."),
+    colour: str = typer.Option("gray", "--colour", help="gray | rgb"),
+    epochs: int = typer.Option(60, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov) | adamw"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    warmup_epochs: float = typer.Option(2.0, "--warmup-epochs"),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing"),
+    class_balance: str = typer.Option("sqrt", "--class-balance", help="none | sqrt | inverse (loss weights) | sampler (balanced sampling)."),
+    flip: float = typer.Option(0.5, "--aug-flip"),
+    scale: float = typer.Option(0.15, "--aug-scale"),
+    translate: float = typer.Option(0.08, "--aug-translate"),
+    rotate: float = typer.Option(12.0, "--aug-rotate"),
+    brightness: float = typer.Option(0.25, "--aug-brightness"),
+    contrast: float = typer.Option(0.25, "--aug-contrast"),
+    erase: float = typer.Option(0.3, "--aug-erase"),
+    mixup: float = typer.Option(0.0, "--mixup", help="Probability of mixup per batch."),
+    cutmix: float = typer.Option(0.0, "--cutmix", help="Probability of CutMix per batch."),
+    init: str = typer.Option(None, "--init", help="Start from: a fer-batch checkpoint, 'mini_xception_fer' (the shipped baseline), or a local weights file (torchvision state dict / safetensors)."),
+    freeze_epochs: int = typer.Option(0, "--freeze-epochs", help="Train only the classification head for the first N epochs."),
+    backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", help="Discriminative LR: backbone lr = lr x this."),
+    patience: int = typer.Option(15, "--patience", help="Early stopping: epochs without a better validation macro-F1."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = default)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CPUs with AVX512-BF16/AMX, AMP on CUDA) | fp32 | bf16 | fp16"),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+    max_steps_per_epoch: int = typer.Option(0, "--max-steps-per-epoch", hidden=True),
+    time_budget: float = typer.Option(0.0, "--time-budget", help="Minutes: when the measured pace would overrun, the cosine schedule is re-planned with fewer epochs (a shared CPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+) -> None:
+    """Train (or fine-tune) an emotion classifier; checkpoints carry their arguments and label order."""
+    from fer_batch.train.augment import AugmentConfig
+    from fer_batch.train.engine import TrainArgs, main
+
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        if colour not in ("gray", "rgb"):
+            raise ConfigError(f"--colour: expected gray|rgb, got {colour!r}")
+        a: dict = {"name": arch, "dropout": dropout}
+        if arch == "vgg":
+            a.update(widths=_ints(widths, "--widths"), depth=depth)
+        elif arch == "resnet":
+            a.update(widths=_ints(widths, "--widths"), blocks=_ints(blocks, "--blocks"))
+        pre = {"size": size, "colour": colour, "mean": [0.5] * (1 if colour == "gray" else 3), "std": [0.5] * (1 if colour == "gray" else 3)}
+        if crop:
+            pre["crop"] = crop
+        aug = AugmentConfig(flip, scale, translate, rotate, brightness, contrast, erase, mixup, cutmix)
+        cmd = "fer-batch train " + shlex.join(sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else [])
+        args = TrainArgs(data=data, out=str(out), val=val, val_fraction=val_fraction, drop_unknown=drop_unknown, arch=a,
+                         preprocess=pre, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_balance=class_balance,
+                         augment=aug.to_dict(), init=init, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult,
+                         patience=patience, seed=seed, threads=threads, device=device, precision=precision,
+                         channels_last=channels_last, max_steps_per_epoch=max_steps_per_epoch,
+                         time_budget_min=time_budget, command=cmd)
+        best = main(args, resume=resume)
+    except FerBatchError as e:
+        _fail(e)
+    typer.echo(f"best checkpoint: {best}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

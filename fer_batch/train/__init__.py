@@ -1,0 +1,1 @@
+"""Training side of fer-batch: datasets, augmentation, architectures, the training engine."""

@@ -1,0 +1,509 @@
+"""Training engine: ``train_one_epoch``, ``evaluate``, checkpoints and ``main(args)``.
+
+Checkpoints are plain dicts of tensors and Python primitives (model/optimizer/scheduler state,
+the run's arguments, label order, preprocessing, history), saved with ``torch.save`` and read
+back only with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is
+refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_batch.errors import ConfigError, DataError, ModelError
+from fer_batch.preprocess import PreprocessSpec, prepare
+from fer_batch.train.augment import AugmentConfig, mix, train_batch
+from fer_batch.train.data import ImageDataset, check_trainable, load_dataset, split_train_val
+from fer_batch.train.models import build_model, count_params, head_param_names, replace_head
+from fer_batch.types import EMOTIONS
+
+log = logging.getLogger(__name__)
+CKPT_FORMAT = "fer-batch-checkpoint/1"
+
+
+@dataclass
+class TrainArgs:
+    """Everything a run needs; stored inside every checkpoint."""
+
+    data: str
+    out: str
+    val: str | None = None  # separate validation DATA; else carve val_fraction from data
+    val_fraction: float = 0.1
+    drop_unknown: bool = False
+    arch: dict[str, Any] = field(default_factory=lambda: {"name": "vgg", "widths": [32, 64, 128, 256], "depth": 2, "dropout": 0.3})
+    preprocess: dict[str, Any] = field(default_factory=lambda: {"size": 48, "crop": 40, "colour": "gray", "mean": [0.5], "std": [0.5]})
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 2.0
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.1
+    class_balance: str = "sqrt"  # none | sqrt (weights ~ 1/sqrt(freq)) | inverse (1/freq) | sampler
+    augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())
+    init: str | None = None  # checkpoint (.pt), baseline name, or a torchvision weights file
+    freeze_epochs: int = 0  # train only the head for the first N epochs (with --init)
+    backbone_lr_mult: float = 1.0  # discriminative LR: backbone lr = lr * mult
+    patience: int = 15  # early stopping on validation macro-F1 (epochs without improvement)
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CPUs that have it, fp16 AMP on CUDA) | fp32 | bf16 | fp16
+    channels_last: bool = True
+    eval_tta: bool = False
+    max_steps_per_epoch: int = 0  # for smoke tests; 0 = all
+    time_budget_min: float = 0.0  # >0: fewer epochs when the measured pace would overrun this many minutes
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fer-batch checkpoint safely (``weights_only=True``); ModelError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: checkpoint not found")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for untrusted objects, RuntimeError for corrupt zips
+        raise ModelError(
+            f"{p}: refused or unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "only weights-only files (tensors and plain values), safetensors or ONNX are accepted, never arbitrary pickles"
+        ) from e
+    if not isinstance(ck, dict):
+        raise ModelError(f"{p}: not a checkpoint dict")
+    return ck
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A bare state dict from ``.safetensors`` or a weights-only torch file (a fer-batch checkpoint's ``model`` too)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ModelError(f"{p}: reading .safetensors needs the safetensors package") from e
+        return load_file(str(p))
+    ck = load_checkpoint(p)
+    if ck.get("format") == CKPT_FORMAT:
+        return ck["model"]
+    for key in ("state_dict", "model"):
+        if isinstance(ck.get(key), dict):
+            ck = ck[key]
+    return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, torch.Tensor)}
+
+
+def model_from_checkpoint(ck: dict[str, Any]) -> tuple[nn.Module, PreprocessSpec, list[str]]:
+    """Rebuild the trained module (eval mode), its preprocessing and label order."""
+    if ck.get("format") != CKPT_FORMAT:
+        raise ModelError(f"not a fer-batch checkpoint (format {ck.get('format')!r})")
+    args = TrainArgs.from_dict(json.loads(ck["args"]))
+    spec = PreprocessSpec.from_dict(json.loads(ck["preprocess"]))
+    labels = list(ck["labels"])
+    model = _make_model(args, spec, len(labels))
+    model.load_state_dict(ck["model"])
+    return model.eval(), spec, labels
+
+
+# ---------------------------------------------------------------- pieces
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_bf16() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Loss weights per class: ``sqrt`` is a mild boost of rare classes (better macro-F1, a little
+    less accuracy), ``inverse`` a full one. Normalised to mean 1 over present classes."""
+    if mode in ("none", "sampler"):
+        return None
+    c = np.maximum(counts.astype(np.float64), 1)
+    w = 1 / np.sqrt(c) if mode == "sqrt" else 1 / c
+    w = w * (counts > 0)
+    w = w / w[counts > 0].mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _make_model(args: TrainArgs, spec: PreprocessSpec, num_classes: int) -> nn.Module:
+    name = args.arch.get("name", "vgg")
+    if name.startswith("tv:"):
+        m = build_model(args.arch, num_classes, spec.channels)
+        replace_head(m, num_classes)
+        return m
+    return build_model(args.arch, num_classes, spec.channels)
+
+
+def _init_weights(model: nn.Module, args: TrainArgs, spec: PreprocessSpec) -> None:
+    """``--init``: a fer-batch checkpoint, a baseline name (mini_xception_fer), or a weights file."""
+    src = args.init
+    if not src:
+        return
+    if src in ("mini_xception_fer", "baseline"):
+        from fer_batch.convert.mini_xception import baseline_state_dict
+
+        sd = baseline_state_dict()
+    else:
+        sd = load_state_dict_file(src)
+    own = model.state_dict()
+    head = head_param_names(model)
+    ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if spec.channels == 1:  # an RGB first conv into a gray model: sum the colour filters
+        for k, v in sd.items():
+            if k in own and k not in ok and v.ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1 and own[k].shape[0] == v.shape[0]:
+                ok[k] = v.sum(1, keepdim=True)
+    if not ok:
+        raise ModelError(f"--init {src}: no parameter matches the architecture {args.arch}")
+    missing = [k for k in own if k not in ok and k not in head and not k.endswith("num_batches_tracked")]
+    model.load_state_dict(ok, strict=False)
+    log.info("init from %s: %d tensors loaded, %d left at random (%s)", src, len(ok), len(missing), ", ".join(missing[:5]))
+
+
+def _param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
+    head = head_param_names(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        is_head = n in head
+        no_wd = p.ndim <= 1  # BN and biases: no weight decay
+        groups.setdefault((is_head, no_wd), []).append(p)
+    out = []
+    for (is_head, no_wd), ps in groups.items():
+        mult = 1.0 if is_head else args.backbone_lr_mult
+        out.append({"params": ps, "lr_mult": mult, "weight_decay": 0.0 if no_wd else args.weight_decay, "is_head": is_head})
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def metrics_from(y_true: np.ndarray, y_pred: np.ndarray, k: int = len(EMOTIONS)) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes present in ``y_true``, per-class P/R/F1, confusion."""
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(float)
+    prec = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
+    rec = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(k), where=(prec + rec) > 0)
+    present = cm.sum(1) > 0
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(tp.sum() / max(1, len(y_true))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {EMOTIONS[i]: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(cm[i].sum())} for i in range(k)},
+        "confusion": cm.tolist(),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, batch_size: int = 256, tta: bool = False,
+            device: torch.device | None = None, dtype: torch.dtype | None = None, channels_last: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, K) in the model's label order for uint8 crops (N, H, W, C)."""
+    device = device or torch.device("cpu")
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(prepare(images[i : i + batch_size], spec)).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).float()
+            p = logits.softmax(1)
+            if tta:
+                p = 0.5 * (p + model(torch.flip(x, dims=[3])).float().softmax(1))
+        out.append(p.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(EMOTIONS)), np.float32)
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, spec: PreprocessSpec, tta: bool = False, **kw) -> dict[str, Any]:
+    """Metrics of ``model`` (outputs in EMOTIONS order) on ``ds``."""
+    probs = predict(model, ds.images, spec, tta=tta, **kw)
+    return metrics_from(ds.labels, probs.argmax(1))
+
+
+def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                    spec: PreprocessSpec, aug: AugmentConfig, args: TrainArgs, gen: torch.Generator, step0: int,
+                    total_steps: int, loss_weights: torch.Tensor | None, sample_weights: torch.Tensor | None,
+                    device: torch.device, dtype: torch.dtype | None, scaler, on_step: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """One pass over ``images`` (uint8 (N, C, H, W)) with augmentation; per-step LR schedule."""
+    model.train()
+    n = images.shape[0]
+    if sample_weights is not None:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen)
+    steps = n // args.batch_size  # drop the last partial batch (BN with tiny batches is noisy)
+    if args.max_steps_per_epoch:
+        steps = min(steps, args.max_steps_per_epoch)
+    steps = max(steps, 1)
+    warm = int(args.warmup_epochs * steps)
+    tot_loss, tot_ok, tot_n = 0.0, 0, 0
+    t0 = time.time()
+    for s in range(steps):
+        f = lr_factor(step0 + s, total_steps, warm, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * g["lr_mult"] * f
+        idx = order[s * args.batch_size : (s + 1) * args.batch_size]
+        x = train_batch(images[idx], spec, aug, gen)
+        y = labels[idx]
+        y_soft = F.one_hot(y, len(EMOTIONS)).float()
+        if aug.mixup > 0 or aug.cutmix > 0:
+            x, y_soft = mix(x, y_soft, aug, gen)
+        x, y_soft = x.to(device), y_soft.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        if args.label_smoothing > 0:
+            y_soft = y_soft * (1 - args.label_smoothing) + args.label_smoothing / len(EMOTIONS)
+        logp = logits.log_softmax(1)
+        per = -(y_soft * logp)
+        if loss_weights is not None:
+            per = per * loss_weights.to(device)
+            loss = per.sum() / (y_soft * loss_weights.to(device)).sum()
+        else:
+            loss = per.sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step0 + s}; lower --lr")
+        tot_loss += loss.item() * len(y)
+        tot_ok += int((logits.argmax(1).cpu() == y).sum())
+        tot_n += len(y)
+        if on_step is not None:
+            on_step({"step": s + 1, "steps": steps, "loss": tot_loss / tot_n, "acc": tot_ok / tot_n, "lr": args.lr * f, "img_s": tot_n / max(1e-9, time.time() - t0)})
+    return {"train_loss": tot_loss / max(1, tot_n), "train_acc": tot_ok / max(1, tot_n), "steps": steps, "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------- main
+
+def _set_frozen(model: nn.Module, frozen: bool) -> None:
+    head = head_param_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in head or not frozen)
+
+
+def _progress(out_dir: Path):
+    """Rich live progress when attached to a terminal; plain log lines otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), transient=False)
+    return None
+
+
+def main(args: TrainArgs, resume: bool = False) -> Path:
+    """Train; return the path of the best checkpoint (by validation macro-F1).
+
+    Writes ``OUT/last.pt`` every epoch (resumable), ``OUT/best.pt``, ``OUT/history.jsonl``.
+    """
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.type == "cuda") else None
+    spec = PreprocessSpec.from_dict(args.preprocess, where="--preprocess")
+    aug = AugmentConfig(**args.augment)
+
+    # --- data (decoded once) ---
+    t0 = time.time()
+    full = load_dataset(args.data, spec.size, "gray" if spec.colour == "gray" else "rgb", args.drop_unknown)
+    if args.val:
+        train_ds, val_ds = full, load_dataset(args.val, spec.size, "gray" if spec.colour == "gray" else "rgb", args.drop_unknown)
+    else:
+        check_trainable(full)
+        train_ds, val_ds = split_train_val(full, args.val_fraction, args.seed)
+    check_trainable(train_ds, val_ds)
+    counts = train_ds.class_counts()
+    log.info("data: train %d, val %d (decoded in %.1fs); class counts %s", len(train_ds), len(val_ds), time.time() - t0,
+             dict(zip(EMOTIONS, counts.tolist())))
+    images = torch.from_numpy(np.ascontiguousarray(train_ds.images.transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(train_ds.labels)
+    lw = class_weights(counts, args.class_balance)
+    sw = None
+    if args.class_balance == "sampler":
+        sw = torch.tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[labels]
+    elif args.class_balance not in ("none", "sqrt", "inverse"):
+        raise ConfigError(f"--class-balance: expected none|sqrt|inverse|sampler, got {args.class_balance!r}")
+
+    # --- model / optimiser ---
+    model = _make_model(args, spec, len(EMOTIONS))
+    _init_weights(model, args, spec)
+    model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = _param_groups(model, args)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    elif args.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=args.lr)
+    else:
+        raise ConfigError(f"--optimizer: expected sgd|adamw, got {args.optimizer!r}")
+    steps_per_epoch = max(1, len(train_ds) // args.batch_size)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    total_steps = steps_per_epoch * args.epochs
+    gen = torch.Generator().manual_seed(args.seed)
+
+    start_epoch, best_f1, best_epoch, history = 0, -1.0, -1, []
+    planned_epochs, spent_s, epoch_secs = args.epochs, 0.0, []
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: {last} does not exist")
+        ck = load_checkpoint(last)
+        old = TrainArgs.from_dict(json.loads(ck["args"]))
+        if old.arch != args.arch or old.preprocess != args.preprocess:
+            raise ConfigError(f"--resume: {last} was trained with another architecture/preprocessing ({old.arch}, {old.preprocess})")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["rng"])
+        start_epoch, best_f1, best_epoch = int(ck["epoch"]) + 1, float(ck["best_f1"]), int(ck["best_epoch"])
+        history = json.loads(ck["history"])
+        spent_s = float(ck.get("spent_s", 0.0))
+        planned_epochs = int(ck.get("planned_epochs", args.epochs)) if old.epochs == args.epochs else args.epochs
+        total_steps = steps_per_epoch * planned_epochs
+        log.info("resumed from %s at epoch %d (best val macro-F1 %.4f at epoch %d)", last, start_epoch, best_f1, best_epoch)
+    log.info("model %s: %.2fM parameters; device %s, autocast %s, threads %d", args.arch, count_params(model) / 1e6, device, dtype, torch.get_num_threads())
+    (out / "args.json").write_text(json.dumps(args.to_dict(), indent=2))
+
+    progress = _progress(out)
+    if progress:
+        progress.start()
+    try:
+        epoch = start_epoch
+        while epoch < planned_epochs:
+            t_epoch = time.time()
+            if best_epoch >= 0 and epoch - best_epoch > args.patience:
+                log.info("early stop: no val macro-F1 gain for %d epochs (best %.4f at epoch %d)", args.patience, best_f1, best_epoch)
+                break
+            frozen = epoch < args.freeze_epochs
+            _set_frozen(model, frozen)
+            task = progress.add_task(f"epoch {epoch + 1}/{planned_epochs}", total=steps_per_epoch, info="") if progress else None
+            every = max(1, steps_per_epoch // 5)
+
+            def on_step(m: dict, task=task, epoch=epoch) -> None:
+                info = f"loss {m['loss']:.3f} acc {m['acc']:.3f} lr {m['lr']:.4f} {m['img_s']:.0f} img/s"
+                if progress:
+                    progress.update(task, completed=m["step"], info=info)
+                elif m["step"] % every == 0:
+                    log.info("epoch %d step %d/%d %s", epoch + 1, m["step"], m["steps"], info)
+
+            tr = train_one_epoch(model, opt, images, labels, spec, aug, args, gen, epoch * steps_per_epoch, total_steps,
+                                 lw, sw, device, dtype, scaler, on_step)
+            t_ev = time.time()
+            vm = evaluate(model, val_ds, spec, tta=args.eval_tta, device=device, dtype=dtype, channels_last=args.channels_last)
+            row = {"epoch": epoch + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in tr.items()},
+                   "val_acc": round(vm["accuracy"], 5), "val_macro_f1": round(vm["macro_f1"], 5), "eval_s": round(time.time() - t_ev, 1),
+                   "frozen": frozen, "time": time.strftime("%H:%M:%S")}
+            history.append(row)
+            improved = vm["macro_f1"] > best_f1
+            if improved:
+                best_f1, best_epoch = vm["macro_f1"], epoch
+            payload = {
+                "format": CKPT_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "rng": gen.get_state(), "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch,
+                "args": json.dumps(args.to_dict()), "labels": list(EMOTIONS), "preprocess": json.dumps(spec.to_dict()),
+                "history": json.dumps(history), "val_metrics": json.dumps(vm), "torch": str(torch.__version__),
+            }
+            spent_s += time.time() - t_epoch
+            epoch_secs.append(time.time() - t_epoch)
+            if args.time_budget_min > 0:
+                # Fit the cosine schedule into the budget at the recent pace (the machine may be
+                # shared): re-plan freely in the first half of the schedule, only shorten after.
+                pace = float(np.mean(epoch_secs[-3:]))
+                fit = epoch + 1 + int(max(0.0, args.time_budget_min * 60 - spent_s) // max(pace, 1e-6))
+                new_plan = max(epoch + 2, min(args.epochs, fit))
+                if epoch + 1 >= planned_epochs / 2:
+                    new_plan = min(new_plan, planned_epochs)
+                if new_plan != planned_epochs:
+                    log.info("time budget %.0f min (%.0f min spent, %.0f s/epoch now): schedule %d -> %d epochs",
+                             args.time_budget_min, spent_s / 60, pace, planned_epochs, new_plan)
+                    planned_epochs = new_plan
+                    total_steps = steps_per_epoch * planned_epochs
+            row["planned_epochs"] = planned_epochs
+            payload["planned_epochs"], payload["spent_s"] = planned_epochs, spent_s
+            save_checkpoint(last, payload)
+            if improved:
+                save_checkpoint(out / "best.pt", payload)
+            with open(out / "history.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            msg = (f"epoch {epoch + 1}/{planned_epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} | "
+                   f"val acc {vm['accuracy']:.4f} macro-F1 {vm['macro_f1']:.4f}{' *' if improved else ''} | {tr['seconds']:.0f}s")
+            if progress:
+                progress.console.print(msg)
+                progress.remove_task(task)
+            log.info(msg)
+            epoch += 1
+    finally:
+        if progress:
+            progress.stop()
+    best = out / "best.pt"
+    return best if best.is_file() else last
