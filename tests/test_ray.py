@@ -353,7 +353,11 @@ def cluster(s3_endpoint, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    tmp = str(tmp_path_factory.mktemp("raycl"))
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="fbt-", dir="/tmp")  # short: Ray's socket paths are limited
+    os.makedirs(os.path.join(tmp, "ray"))
     old_tmpdir = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp  # Cluster writes its address file under this, not /tmp/ray
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": tmp, "include_dashboard": False})
@@ -365,6 +369,7 @@ def cluster(s3_endpoint, tmp_path_factory):
     finally:
         ray.shutdown()
         c.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
         if old_tmpdir is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:
@@ -416,7 +421,7 @@ def test_killed_worker_is_retried_without_lost_or_duplicated_rows(cluster, input
     assert killed, "no unit finished?"
     _assert_same_output(_read(out), reference[0])  # every row exactly once, same as local
     assert killed[0] not in done_pids[1:], "the killed process cannot have finished a unit later"
-    assert len(set(done_pids)) >= 2
+    assert set(done_pids) - set(ready), "a restarted worker process (new pid) finished units"
     assert res.exit_code == 1  # only the broken file failed
     assert [r["status"] for r in res.sources.to_pylist()].count("failed") == 1
 

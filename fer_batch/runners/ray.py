@@ -641,6 +641,17 @@ def embedded_env() -> dict[str, str]:
     return env
 
 
+def _reload_auth_config() -> None:
+    """Make this process re-read RAY_AUTH_* (Ray caches them when it is imported)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError) as e:  # another Ray version: it reads them at init
+        log.debug("could not refresh Ray's auth settings: %s", e)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: RunConfig) -> Iterator[dict]:
     """Connect to Ray: reuse an initialised one, join ``cfg.ray.address``, or start a private one.
@@ -669,35 +680,38 @@ def ray_session(cfg: RunConfig) -> Iterator[dict]:
     tmp = tempfile.mkdtemp(prefix="fer-batch-ray-")
     env = embedded_env()
     ok = False
-    with _env(env):
-        import ray._private.ray_constants as rc
+    import ray._private.ray_constants as rc
 
-        old_flag = rc.ENABLE_RAY_CLUSTER
-        rc.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the env var was set
-        try:
-            info = ray.init(
-                address="local",
-                include_dashboard=bool(cfg.ray.dashboard),
-                dashboard_host="127.0.0.1",
-                _temp_dir=tmp,
-                object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
-                logging_level=logging.WARNING,
-                log_to_driver=log.isEnabledFor(logging.DEBUG),
-                namespace="fer-batch",
-            )
-            if cfg.ray.dashboard:
-                url = getattr(info, "dashboard_url", None)
-                log.warning("Ray dashboard: http://%s (loopback only)%s", url,
-                            f"; token: {env['RAY_AUTH_TOKEN']}" if "RAY_AUTH_TOKEN" in env else "")
-            yield {"embedded": True, "address": ray.get_runtime_context().gcs_address, "temp_dir": tmp}
-            ok = True
-        finally:
-            ray.shutdown()
-            rc.ENABLE_RAY_CLUSTER = old_flag
-            if ok:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                log.warning("Ray logs of the failed run kept in %s", tmp)
+    old_flag = rc.ENABLE_RAY_CLUSTER
+    try:
+        with _env(env):
+            rc.ENABLE_RAY_CLUSTER = False  # ray was imported before the env var was set
+            _reload_auth_config()
+            try:
+                info = ray.init(
+                    address="local",
+                    include_dashboard=bool(cfg.ray.dashboard),
+                    dashboard_host="127.0.0.1",
+                    _temp_dir=tmp,
+                    object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                    logging_level=logging.WARNING,
+                    log_to_driver=log.isEnabledFor(logging.DEBUG),
+                    namespace="fer-batch",
+                )
+                if cfg.ray.dashboard:
+                    token = f"; token: {env['RAY_AUTH_TOKEN']}" if "RAY_AUTH_TOKEN" in env else ""
+                    log.warning("Ray dashboard: http://%s (loopback only)%s", getattr(info, "dashboard_url", None), token)
+                yield {"embedded": True, "address": ray.get_runtime_context().gcs_address, "temp_dir": tmp}
+                ok = True
+            finally:
+                ray.shutdown()
+    finally:
+        rc.ENABLE_RAY_CLUSTER = old_flag
+        _reload_auth_config()  # back to the caller's settings
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log.warning("Ray logs of the failed run kept in %s", tmp)
 
 
 def _worker_count(cfg: RunConfig, n_sources: int, may_split: bool) -> int:
