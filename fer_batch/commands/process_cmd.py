@@ -30,7 +30,7 @@ class ProgressHook:
             self.p.reset(self.frames, total=None, description=f"frames  {Path(src.path).name[:40]}")
         elif step == "source_open":
             reader = payload.get("reader")
-            est = getattr(reader, "expected_frames", None)
+            est = getattr(reader, "planned_frames", None)
             if est:
                 self.p.update(self.frames, total=est)
         elif step == "frame":
