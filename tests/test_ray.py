@@ -453,15 +453,33 @@ def _free_port() -> int:
 
 
 def _group_members(pgid: int) -> set[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
                     out.add(int(d.name))
             except (OSError, ValueError, IndexError):
                 continue
     return out
+
+
+def _stop_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL what is left; wait until it is gone."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace_s
+        while _group_members(pgid) and time.time() < deadline:
+            time.sleep(0.3)
+        if not _group_members(pgid):
+            return
 
 
 @pytest.mark.slow
@@ -473,8 +491,9 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
     process group); `ray stop` would stop every Ray process of the machine.
     """
     import secrets
-    import signal
+    import shutil
     import subprocess
+    import tempfile
     import urllib.error
     import urllib.request
 
@@ -482,8 +501,7 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
     ray_bin = bindir / "ray"
     if not ray_bin.exists():
         pytest.skip("the `ray` command is not installed next to this Python")
-    tmp = tmp_path / "head"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="fbh-", dir="/tmp"))  # short: Ray's socket paths are limited
     token = secrets.token_hex(24)
     env = dict(os.environ)
     env.update(
@@ -544,14 +562,7 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
             assert t["faces"].num_rows == 6 * 8 and t["tracks"].num_rows == 6
             assert not [p for p in out.parent.iterdir() if "staging" in p.name]
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + 10
-        while _group_members(head.pid) and time.time() < deadline:
-            time.sleep(0.5)
-        if _group_members(head.pid):
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop_group(head.pid)  # only the head this test started (never `ray stop`)
         head.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
     assert not _group_members(head.pid)

@@ -677,7 +677,9 @@ def ray_session(cfg: RunConfig) -> Iterator[dict]:
         finally:
             ray.shutdown()
         return
-    tmp = tempfile.mkdtemp(prefix="fer-batch-ray-")
+    # Ray's Unix socket paths must stay under 107 bytes: keep the temp folder short.
+    base = "/tmp" if len(tempfile.gettempdir()) > 40 and os.path.isdir("/tmp") else None
+    tmp = tempfile.mkdtemp(prefix="fer-batch-ray-", dir=base)
     env = embedded_env()
     ok = False
     import ray._private.ray_constants as rc
