@@ -166,8 +166,9 @@ def test_staging_location_is_next_to_output_or_under_staging_prefix(tmp_path):
 # ----------------------------------------------------------------------------- real Ray
 
 # Options shared by every run below: 4 frames/s so a 6 s video split at 2 s gives 3 segments
-# that overlap by 4 sampled frames (1 s = lost_s); threads=1 so runs compare bit for bit.
-OPTS = dict(fps=4.0, lost_s=1.0, threads=1, device="cpu", segment_seconds=2.0)
+# that overlap by 4 sampled frames (1 s = lost_s); smoothing on, so it is recomputed across the
+# segment borders; threads=1 so runs compare bit for bit.
+OPTS = dict(fps=4.0, lost_s=1.0, threads=1, device="cpu", segment_seconds=2.0, smooth=1.0)
 SORT = [("source_path", "ascending"), ("frame_index", "ascending"), ("x1", "ascending"), ("y1", "ascending")]
 REPO = Path(__file__).resolve().parents[1]
 
