@@ -245,3 +245,35 @@ def test_build_check_reproduces_the_shipped_file(wheel_dir, card):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert card.sha256 in proc.stdout and "matches card" in proc.stdout and "not written" in proc.stdout
+
+
+def test_pack_with_recognition_model_embeds(tmp_path, card, t1):
+    """Routing and ``embed`` plumbing with a recognition-shaped network (112x112 -> 16-d).
+
+    No permissively licensed recognition model exists offline, so a small randomly
+    initialised CNN stands in for w600k_r50; InsightFace's ArcFaceONNX and norm_crop run as is.
+    """
+    import torch
+
+    from fer_batch.detect import FaceDetector
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(32, 16),
+    ).eval()
+    pack = tmp_path / "pack_with_rec"
+    pack.mkdir()
+    shutil.copy(card.path, pack / "det.onnx")
+    torch.onnx.export(
+        net, (torch.zeros(1, 3, 112, 112),), str(pack / "rec.onnx"), input_names=["data"], output_names=["fc1"],
+        dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}}, dynamo=False,
+    )
+    d = FaceDetector(DetectConfig(pack=str(pack)), threads=1)
+    assert d.has_recognition and d.info["recognition"].endswith("rec.onnx")
+    dets = d(Frame(0, 0.0, t1))
+    emb = d.embed(t1, dets.kps)
+    assert emb.shape == (6, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(d.embed(t1, dets.kps[2:3]), emb[2:3], atol=1e-5)  # batch-independent
+    assert d.embed(t1, np.zeros((0, 5, 2))).shape == (0, 16)
