@@ -186,6 +186,15 @@ def test_find_peaks_separation_plateau_and_edges():
     assert find_peaks(t, v, 0.95, 1.0, 10) == []
 
 
+def test_local_maxima():
+    from fer_batch.report.figures import local_maxima
+
+    assert local_maxima(np.array([0.9, 0.1, 0.5, 0.5, 0.5, 0.2, 0.3, 0.3, 0.6])).tolist() == [0, 3, 8]
+    assert local_maxima(np.array([0.2, 0.2, 0.2])).tolist() == [1]  # all flat: one peak mid-way
+    assert local_maxima(np.array([0.1, 0.3, 0.3, 0.5])).tolist() == [3]  # a shoulder is no peak
+    assert local_maxima(np.array([])).tolist() == []
+
+
 def test_sustained_stretches_gap_and_duration():
     t = np.array([0, 0.5, 1, 1.5, 2, 2.5, 6, 6.5, 7, 7.5, 8, 8.5, 9])
     v = np.array([0.6, 0.7, 0.6, 0.8, 0.6, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
@@ -660,7 +669,6 @@ def test_report_in_headless_chromium(session: Path, tmp_path: Path):
 
 def test_report_on_real_process_output(tmp_path: Path):
     """`fer-batch process` on a generated video, then the report (with thumbnails) on its output."""
-    pytest.importorskip("fer_batch.classify", reason="the classifier stage is not in this checkout yet")
     from fer_batch.api import run
     from fer_batch.synth import make_sample_video
 

@@ -99,7 +99,9 @@ def build_report(
         bits.append(f"fer-batch {meta['version']}")
     models = meta.get("models")
     if isinstance(models, dict) and models:
-        names = [str(v.get("name", k)) if isinstance(v, dict) else str(v) for k, v in models.items()]
+        names = [
+            f"{k} {v.get('name') or v.get('model') or '?'}" if isinstance(v, dict) else f"{k} {v}" for k, v in models.items()
+        ]
         bits.append("models: " + ", ".join(names))
     if figs.smoothed:
         bits.append("smoothed probabilities")

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.signal import find_peaks as _scipy_find_peaks
 
 from fer_batch.errors import ConfigError
 from fer_batch.report.columns import (
@@ -355,20 +354,34 @@ def count_changes(labels: np.ndarray, dt: float, min_dwell_s: float) -> int:
     return max(len(merged) - 1, 0)
 
 
+def local_maxima(v: np.ndarray) -> np.ndarray:
+    """Indices of local maxima of ``v``: runs of equal values higher than the values on both
+    sides (the array's ends count as lower), one index per run, at its middle."""
+    v = np.asarray(v, dtype=np.float64)
+    if len(v) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], v[1:] != v[:-1]]))
+    ends = np.concatenate([starts[1:] - 1, [len(v) - 1]])
+    vals = v[starts]
+    left = np.concatenate([[-np.inf], vals[:-1]])
+    right = np.concatenate([vals[1:], [-np.inf]])
+    peak = (vals > left) & (vals > right)
+    return ((starts[peak] + ends[peak]) // 2).astype(np.int64)
+
+
 def find_peaks(times: np.ndarray, values: np.ndarray, threshold: float, min_separation_s: float, max_n: int) -> list[int]:
     """Indices of peaks at or above ``threshold``, strongest first kept, none within
     ``min_separation_s`` of a stronger one, at most ``max_n``, returned in time order.
 
-    A peak is a sample higher than its neighbours (``scipy.signal.find_peaks``; a flat top
-    gives one peak at its middle; the first and last samples can be peaks).
+    A peak is a sample higher than its neighbours (a flat top gives one peak at its middle;
+    the first and last samples can be peaks).
     """
     v = np.asarray(values, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
     if len(v) == 0 or max_n <= 0:
         return []
-    padded = np.concatenate([[-1.0], v, [-1.0]])  # probabilities are >= 0: edges can peak
-    cand, _ = _scipy_find_peaks(padded, height=threshold)
-    cand = cand - 1
+    cand = local_maxima(v)
+    cand = cand[v[cand] >= threshold]
     order = cand[np.lexsort((t[cand], -v[cand]))]  # strongest first; ties: earlier first
     chosen: list[int] = []
     for i in order:
