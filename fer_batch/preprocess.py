@@ -96,9 +96,9 @@ class PreprocessSpec:
         return out
 
     def template_points(self) -> tuple[np.ndarray, int]:
-        """The 5-point template and the crop side it refers to."""
+        """The 5-point template scaled to the crop side ``size`` (the crop ``prepare`` expects)."""
         if self.template is not None:
-            return self.template, int(self.template_size or self.size)
+            return self.template * (self.size / float(self.template_size or self.size)), self.size
         return _ARCFACE_112 * (self.size / 112.0), self.size
 
 
@@ -176,7 +176,7 @@ def align_crop(image_bgr: np.ndarray, kps: np.ndarray, spec_or_card) -> np.ndarr
         spec_or_card: a ``PreprocessSpec`` or a ``ModelCard``.
 
     Returns:
-        (N, S, S, 3) uint8 BGR crops with S = the template's crop side; the landmarks land on
+        (N, S, S, 3) uint8 BGR crops with S = ``preprocess.size``; the landmarks land on
         the card's template by a least-squares similarity transform (no shear, so faces are
         not distorted).
     """

@@ -20,6 +20,18 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
 
 
+def _passive_omp() -> None:
+    """OpenMP threads sleep instead of spinning while they wait (set before torch is imported).
+
+    On a shared CPU, spinning threads burn their time slices: measured here under load, a
+    training step cost 1.5 CPU-s with the default policy and 0.4 CPU-s with PASSIVE.
+    """
+    import os
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _ints(s: str, what: str) -> list[int]:
     try:
         return [int(v) for v in s.split(",") if v.strip()]
@@ -72,6 +84,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
 ) -> None:
     """Train (or fine-tune) an emotion classifier; checkpoints carry their arguments and label order."""
+    _passive_omp()
     from fer_batch.train.augment import AugmentConfig
     from fer_batch.train.engine import TrainArgs, main
 
@@ -103,5 +116,37 @@ def train(
     typer.echo(f"best checkpoint: {best}")
 
 
+def evaluate(
+    model: str = typer.Argument(..., help="A registered model name, 'default', a card/ONNX path, or a training checkpoint (.pt)."),
+    data: str = typer.Argument(..., help="Image-folder tree, Parquet (image, label) or FER2013 CSV."),
+    tta: bool = typer.Option(None, "--tta/--no-tta", help="Horizontal-flip test-time augmentation (default: as the model card says)."),
+    detect: bool = typer.Option(False, "--detect", help="Images are photos, not face crops: detect + align with the pipeline's code (no face = wrong)."),
+    exclude_dups_of: str = typer.Option(None, "--exclude-duplicates-of", help="Drop images whose pixels (pixel_md5) also occur in this DATA (e.g. the training set)."),
+    json_out: Path = typer.Option(None, "--json", help="Write all metrics as JSON."),
+    png: Path = typer.Option(None, "--png", help="Confusion-matrix PNG (default with --json: beside it)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    threads: int = typer.Option(0, "--threads"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] | auto"),
+    det_size: int = typer.Option(320, "--det-size", help="Detector canvas for --detect."),
+    drop_unknown: bool = typer.Option(False, "--drop-unknown"),
+    limit: int = typer.Option(0, "--limit", help="Only the first N images (0 = all)."),
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR"),
+) -> None:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and confusion matrix of a model on DATA."""
+    _passive_omp()
+    from fer_batch.train.evaluate import format_report, run, write_outputs
+
+    try:
+        m = run(model, data, tta=tta, detect=detect, exclude_dups_of=exclude_dups_of, batch_size=batch_size, threads=threads,
+                device=device, models_dir=str(models_dir) if models_dir else None, drop_unknown=drop_unknown, limit=limit, det_size=det_size)
+        if json_out and png is None:
+            png = json_out.with_suffix(".confusion.png")
+        write_outputs(m, json_out, png)
+    except FerBatchError as e:
+        _fail(e)
+    typer.echo(format_report(m))
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("evaluate")(evaluate)

@@ -94,12 +94,15 @@ def _decode(buf: bytes | np.ndarray, size: int, colour: str) -> np.ndarray | Non
 
 
 def _fit(img: np.ndarray, size: int, colour: str) -> np.ndarray:
-    if img.shape[0] != size or img.shape[1] != size:
+    """Resize to size x size (size 0: keep the native size) and order channels for ``colour``."""
+    if size and (img.shape[0] != size or img.shape[1] != size):
         interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
         img = cv2.resize(img, (size, size), interpolation=interp)
     if colour == "gray":
-        return img.reshape(size, size, 1)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img.reshape(img.shape[0], img.shape[1], 1)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if colour == "rgb" else img
 
 
 def _map_labels(raw: list[str], report: LoadReport, drop_unknown: bool) -> np.ndarray:
@@ -126,9 +129,12 @@ def _finish(images: list, labels: np.ndarray, keys: list, report: LoadReport) ->
     ok = np.array([im is not None for im in images], bool) & (labels >= 0)
     if not ok.any():
         raise DataError(f"{report.source}: no usable images ({report.summary()})")
-    c = images[int(np.argmax(ok))].shape[-1]
-    size = images[int(np.argmax(ok))].shape[0]
-    arr = np.stack([images[i] for i in np.flatnonzero(ok)]).reshape(-1, size, size, c)
+    kept = [images[i] for i in np.flatnonzero(ok)]
+    if len({im.shape for im in kept}) == 1:
+        arr = np.stack(kept)
+    else:  # native sizes (size=0): an object array of (H, W, C) images
+        arr = np.empty(len(kept), dtype=object)
+        arr[:] = kept
     keys_arr = np.array([keys[i] for i in np.flatnonzero(ok)], dtype=object)
     report.n_read = int(ok.sum())
     if report.corrupt or report.dropped_unknown:
@@ -197,7 +203,7 @@ def load_csv(path: Path, size: int, colour: str, drop_unknown: bool) -> ImageDat
                 if side * side != v.size or side == 0 or v.min() < 0 or v.max() > 255:
                     raise ValueError("not a square 8-bit image")
                 g = v.reshape(side, side).astype(np.uint8)
-                img = _fit(g if colour == "gray" else cv2.cvtColor(g, cv2.COLOR_GRAY2BGR), size, colour)
+                img = _fit(g, size, colour)
             except ValueError:
                 report.corrupt.append(f"row {i}")
         images.append(img)
@@ -237,10 +243,13 @@ def load_folder(path: Path, size: int, colour: str, drop_unknown: bool) -> Image
 
 
 def load_dataset(data: str | Path, size: int = 48, colour: str = "gray", drop_unknown: bool = False) -> ImageDataset:
-    """Load DATA (folder, ``.parquet`` or ``.csv``) decoded to (N, size, size, C) uint8."""
+    """Load DATA (folder, ``.parquet`` or ``.csv``) decoded to (N, size, size, C) uint8.
+
+    ``colour``: gray | rgb | bgr. ``size`` 0 keeps native sizes (an object array when they differ).
+    """
     p = Path(data)
-    if colour not in ("gray", "rgb"):
-        raise DataError(f"colour must be gray or rgb, got {colour!r}")
+    if colour not in ("gray", "rgb", "bgr"):
+        raise DataError(f"colour must be gray, rgb or bgr, got {colour!r}")
     if not p.exists():
         raise DataError(f"{p}: dataset not found")
     if p.is_dir():

@@ -233,19 +233,28 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def metrics_from(y_true: np.ndarray, y_pred: np.ndarray, k: int = len(EMOTIONS)) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the classes present in ``y_true``, per-class P/R/F1, confusion."""
+    """Accuracy, macro-F1 over the classes present in ``y_true``, per-class P/R/F1, confusion.
+
+    A prediction of -1 (no face found with ``--detect``) counts as wrong for its true class.
+    """
+    y_true = np.asarray(y_true, np.int64)
+    y_pred = np.asarray(y_pred, np.int64)
+    valid = y_pred >= 0
     cm = np.zeros((k, k), np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
+    np.add.at(cm, (y_true[valid], y_pred[valid]), 1)
+    support = np.bincount(y_true, minlength=k)
     tp = np.diag(cm).astype(float)
     prec = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
-    rec = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
+    rec = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(k), where=(prec + rec) > 0)
-    present = cm.sum(1) > 0
+    present = support > 0
     return {
         "n": int(len(y_true)),
         "accuracy": float(tp.sum() / max(1, len(y_true))),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {EMOTIONS[i]: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(cm[i].sum())} for i in range(k)},
+        "no_prediction": int((~valid).sum()),
+        "per_class": {EMOTIONS[i]: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])} for i in range(k)},
+        "labels": list(EMOTIONS),
         "confusion": cm.tolist(),
     }
 
