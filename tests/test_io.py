@@ -190,20 +190,32 @@ CONTAINERS = [("mp4v", ".mov"), ("MJPG", ".avi"), ("XVID", ".avi"), ("FMP4", ".m
               ("WMV2", ".wmv"), ("PIM1", ".mpg"), ("mp4v", ".ts"), ("FLV1", ".flv")]  # fmt: skip
 
 
+def decode_all(path) -> list[np.ndarray]:
+    """Every frame by plain sequential ``next()`` (no skip, no seek), as BGR."""
+    import decord
+
+    vr = decord.VideoReader(str(path))
+    return [vr.next().asnumpy()[:, :, ::-1] for _ in range(len(vr))]
+
+
 @pytest.mark.parametrize("fourcc,ext", CONTAINERS, ids=[f"{c}{e}" for c, e in CONTAINERS])
 def test_containers_sampled_frames_equal_in_order_decoding(tmp_path, fourcc, ext):
     p = tmp_path / f"clip{ext}"
     try:
-        synth.make_sample_video(p, seconds=3, fps=25, size=(256, 144), fourcc=fourcc)
+        synth.make_sample_video(p, seconds=4, fps=25, size=(256, 144), fourcc=fourcc)
     except Exception as e:  # an OpenCV build without this encoder
         pytest.skip(f"OpenCV cannot write {fourcc}{ext}: {e}")
+    ref = decode_all(p)
+    assert len(ref) == 100
     seq, r = read_all(p, SamplingConfig(fps=None), allow_seek=False)
-    assert r.frame_count == len(seq) == 75
-    assert [f.timestamp_s for f in seq] == pytest.approx([i / 25 for i in range(75)], abs=2e-3)
-    sampled, _ = read_all(p, SamplingConfig(fps=None, every=7))
-    assert [f.index for f in sampled] == list(range(0, 75, 7))
-    for f in sampled:
-        assert np.array_equal(f.image, seq[f.index].image), f"frame {f.index} differs"
+    assert r.frame_count == len(seq) == 100
+    assert [f.timestamp_s for f in seq] == pytest.approx([i / 25 for i in range(100)], abs=2e-3)
+    for every in (3, 7, 13, 30):  # within a GOP (12 frames), across one, across several
+        for allow_seek in (None, False):
+            sampled, _ = read_all(p, SamplingConfig(fps=None, every=every), allow_seek=allow_seek)
+            assert [f.index for f in sampled] == list(range(0, 100, every))
+            for f in sampled:
+                assert np.array_equal(f.image, ref[f.index]), f"every={every} seek={allow_seek}: frame {f.index} differs"
 
 
 def test_variable_frame_rate_uses_real_timestamps(tmp_path):
@@ -423,3 +435,38 @@ def test_unreadable_folder_reported(tmp_path):
         assert sources == [] and rows[0]["status"] == "failed" and "permission denied" in rows[0]["error"]
     finally:
         os.chmod(d, 0o755)
+
+
+def test_truncated_image_fails_on_open(tmp_path, image_folder):
+    data = image_folder[0].path.read_bytes()
+    p = tmp_path / "half.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt image data" in _open_error(p, kind="image")
+
+
+def test_window_beyond_the_end_gives_no_frames(sample_video):
+    frames, r = read_all(sample_video.path, SamplingConfig(start_s=50.0))
+    assert frames == [] and r.planned_frames == 0
+
+
+def test_image_sequence_segments(tmp_path, image_folder):
+    d = tmp_path / "seq"
+    d.mkdir()
+    for i in range(6):
+        shutil.copy(image_folder[0].path, d / f"f{i}.jpg")
+    cfg = SamplingConfig(images_as="sequence", image_fps=2.0, fps=None)
+    (src,), _ = discover([d], cfg)
+    with MediaReader(src, cfg, segment=(1.0, 2.5)) as r:
+        assert [(f.index, f.timestamp_s) for f in r] == [(2, 1.0), (3, 1.5), (4, 2.0)]
+
+
+def test_sample_command_writes_media(tmp_path):
+    from fer_batch.cli import main
+
+    assert main(["sample", str(tmp_path / "s"), "--seconds", "1", "--size", "320x180"]) == 0
+    (src,), rows = discover([tmp_path / "s" / "sample_video.mp4"], SamplingConfig())
+    with MediaReader(src, SamplingConfig(fps=None)) as r:
+        assert (r.width, r.height, r.frame_count) == (320, 180, 25)
+    imgs, _ = discover([tmp_path / "s" / "images"], SamplingConfig())
+    assert len(imgs) == 4
+    assert main(["sample", str(tmp_path / "x"), "--size", "big"]) == 2

@@ -7,7 +7,7 @@ failed); ``MediaReader`` streams the sampled frames of any source as BGR ``Frame
 from fer_batch.io.discover import IMAGE_EXTS, VIDEO_EXTS, discover, media_kind, natural_key, source_id_for
 from fer_batch.io.images import MAX_IMAGE_PIXELS, read_image, to_bgr
 from fer_batch.io.sampling import sample_indices
-from fer_batch.io.video import SEEKABLE_EXTS, MediaReader
+from fer_batch.io.video import SEEKABLE_EXTS, MediaReader, can_seek
 
 __all__ = [
     "IMAGE_EXTS",
@@ -15,6 +15,7 @@ __all__ = [
     "SEEKABLE_EXTS",
     "VIDEO_EXTS",
     "MediaReader",
+    "can_seek",
     "discover",
     "media_kind",
     "natural_key",

@@ -14,6 +14,7 @@ rotated again here. ``tests/test_io.py`` pins that behaviour on files with each 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import struct
@@ -34,9 +35,21 @@ log = logging.getLogger(__name__)
 
 # Containers whose keyframe seeks (inside ``skip_frames``) land on the exact frame: they
 # carry a complete sample index. Verified frame-for-frame against sequential decoding in
-# tests/test_io.py. MPEG-PS (.mpg) and ASF (.wmv) were measured to land on wrong frames, and
-# MPEG-TS has no index: those are decoded strictly in order (every frame through ``next``).
+# tests/test_io.py. On MPEG-PS (.mpg) and ASF (.wmv) decord's seeks were measured to land on
+# wrong frames (even ``seek_accurate``), and MPEG-TS has no index: those are read in order,
+# without any seek (see ``_advance_to``).
 SEEKABLE_EXTS = frozenset({".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".mkv", ".webm", ".avi"})
+
+
+
+def can_seek(path: str | Path) -> bool:
+    """Whether frame-exact seeking is trusted for this file's container.
+
+    Where it is not (MPEG-PS, ASF/WMV, MPEG-TS, FLV, ...), a reader decodes from the start up
+    to its first frame, so splitting such a video into time segments costs more than it saves.
+    """
+    return Path(path).suffix.lower() in SEEKABLE_EXTS
+
 
 _decord = None
 _MAX_RETRIES = 8  # re-opens per source after decode errors (each costs an open + a seek)
@@ -113,6 +126,7 @@ class MediaReader:
         self._pos = 0  # index of the frame the decoder returns next
         self._opened = False
         self._seek = False
+        self._keys: list[int] = []
         self.decode_s = 0.0  # wall seconds spent decoding (for benchmarks)
 
     # ------------------------------------------------------------------ lifecycle
@@ -265,6 +279,10 @@ class MediaReader:
         self._first = cv2.cvtColor(first, cv2.COLOR_RGB2BGR, dst=first)
         self._pos = 1
         self._vr = vr
+        try:
+            self._keys = sorted(int(k) for k in vr.get_key_indices())
+        except Exception:
+            self._keys = []
         if self.allow_seek is None:
             self._seek = path.suffix.lower() in SEEKABLE_EXTS
         else:
@@ -328,32 +346,44 @@ class MediaReader:
             if self._seek:
                 if j > 0:
                     vr.seek_accurate(j)
+                self._pos = j
             else:  # no trusted seeking: decode in order from the start
-                for _ in range(j):
-                    vr.next()
+                self._pos = 0
+                self._advance_to(vr, j)
         except Exception:
             self._vr = None
             raise
         self._vr = vr
-        self._pos = j
         return vr
 
     def _advance_to(self, vr, j: int) -> None:
         """Position the decoder so that ``next()`` returns frame ``j``."""
-        gap = j - self._pos
-        if gap <= 0:
-            if gap < 0:  # never happens with a sorted plan; stay correct anyway
-                vr.seek_accurate(j)
-                self._pos = j
+        if j < self._pos:  # never happens with a sorted plan; stay correct anyway
+            vr.seek_accurate(j)
+            self._pos = j
             return
         if self._seek:
-            vr.skip_frames(gap)  # seeks to the last keyframe <= j when the gap crosses one
-        else:
-            # In-order decoding: crossing a keyframe with skip_frames would seek, so go
-            # through next() (decodes and converts; still the sequential decode rate).
-            for _ in range(gap):
+            if j > self._pos:
+                vr.skip_frames(j - self._pos)  # seeks to the last keyframe <= j if the gap crosses one
+            self._pos = j
+            return
+        # In order, without any seek: ``skip_frames`` seeks as soon as a skip crosses a
+        # keyframe, so skip up to the frame before each keyframe and decode that one frame
+        # with ``next()`` (one colour conversion per GOP; every other frame is only decoded).
+        keys = self._keys
+        pos = self._pos
+        while pos < j:
+            k = bisect.bisect_right(keys, pos)
+            key = keys[k] if k < len(keys) else None
+            if key is not None and key <= j:
+                if key - 1 > pos:
+                    vr.skip_frames(key - 1 - pos)
                 vr.next()
-        self._pos = j
+                pos = key
+            else:
+                vr.skip_frames(j - pos)
+                pos = j
+            self._pos = pos
 
     # ------------------------------------------------------------------ image sequence
     def _iter_sequence(self) -> Iterator[Frame]:
