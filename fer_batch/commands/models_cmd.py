@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -46,9 +47,12 @@ def list_models(
         inp = c.input or {}
         size = inp.get("size")
         inp_s = f"{size} {inp.get('colour', '')}".strip()
-        metrics = ", ".join(f"{k}={v}" for k, v in (c.metrics or {}).items() if not isinstance(v, (dict, list)))
-        t.add_row(c.name, c.task, c.format, inp_s, c.licence, c.sha256[:16] + "…", metrics, "yes" if c.default else "")
-    Console().print(t)
+        metrics = ", ".join(
+            f"{k}={v}" for k, v in (c.metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        t.add_row(c.name, c.task, c.format, inp_s, c.licence, c.sha256, metrics, "yes" if c.default else "")
+    Console(width=None if sys.stdout.isatty() else 220).print(t)
 
 
 @models_app.command("show")
