@@ -36,9 +36,9 @@ def test_card_is_complete_and_matches_its_file(card_path):
     assert MODELS in card.path.parents, "model files live inside models/"
     assert sha256_file(card.path) == card.sha256
     card.verify()
-    # input description: size (or dynamic), colour, mean/std
+    # input description: size (or dynamic), colour, mean/std (in `input` or `preprocess`)
     for key in ("size", "colour", "mean", "std"):
-        assert key in card.input, f"{card.name}: input lacks {key!r}"
+        assert key in card.input or key in (card.preprocess or {}), f"{card.name}: card states no input {key!r}"
     assert card.licence and card.provenance
     assert isinstance(card.metrics, dict)
     if card.metrics:
