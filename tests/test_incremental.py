@@ -52,7 +52,7 @@ def media(tmp_path_factory) -> Path:
     """6 short real videos (distinct motion), one photo, one text file."""
     d = tmp_path_factory.mktemp("inc_media")
     for i in range(N_VIDEOS):
-        synth.make_sample_video(d / f"clip{i}.mp4", seconds=3, fps=10, size=(320, 180), seed=i)
+        synth.make_sample_video(d / f"clip{i}.mp4", seconds=2, fps=10, size=(320, 180), seed=i)
     import cv2
 
     img = synth.load_t1()
@@ -123,9 +123,9 @@ def test_first_run_dataset_reads_as_one_table(reference):
 
     assert len(pd.read_parquet(ds)) == total
     duckdb = pytest.importorskip("duckdb")
-    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{ds}/date=*/*.parquet', hive_partitioning=true)").fetchone()[0]
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{ds}/date=*/*.parquet', hive_partitioning=true)").fetchall()[0][0]
     assert n == total
-    n_all = duckdb.sql(f"SELECT count(*) FROM read_parquet('{ds}/**/*.parquet', hive_partitioning=true)").fetchone()[0]
+    n_all = duckdb.sql(f"SELECT count(*) FROM read_parquet('{ds}/**/*.parquet', hive_partitioning=true)").fetchall()[0][0]
     assert n_all == total
     # metadata: schema version and the incremental record in each part
     meta = pq.read_schema(d.files[0]).metadata
@@ -144,15 +144,18 @@ def test_unchanged_rerun_is_a_fast_noop(reference, tmp_path):
     assert s["sources_decoded"] == 0 and not s["models_loaded"] and s["files_hashed"] == 0
     assert s["reconcile"]["parts_read"] == 0  # the state was trusted: no footer read
     assert sorted(p.name for p in (root / "ds").glob("date=*/part-*.parquet")) == before
-    # the CLI says so, quickly (the bound covers interpreter start-up on a loaded 2-core box)
+    # the CLI says so
     t0 = time.perf_counter()
     r = subprocess.run([str(FER_BATCH), "process", str(root / "inbox"), "--out", str(root / "ds"), "--incremental"],
                        capture_output=True, text=True, timeout=120, env=_env())
     wall = time.perf_counter() - t0
     assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
-    assert wall < 15, wall
     latest = json.loads((root / "ds" / "_runs" / "latest.json").read_text())
     assert latest["sources_decoded"] == 0 and not latest["models_loaded"]
+    # the run itself (lock, reconcile, discover, stat) takes well under a second; the whole
+    # command is bounded by interpreter start-up, loose here for a loaded 2-core box
+    assert latest["wall_s"] < 5 and s["wall_s"] < 5, (latest["wall_s"], s["wall_s"])
+    assert wall < 60, wall
     # touch: new mtime, same content -> hashed once, still unchanged, nothing decoded
     clip = root / "inbox" / "clip0.mp4"
     os.utime(clip, ns=(time.time_ns(), time.time_ns()))
@@ -246,14 +249,14 @@ def _wait_for(pattern_dir: Path, glob: str, proc: subprocess.Popen, timeout: flo
     return []
 
 
-@pytest.mark.parametrize("moment", ["temp file open", "first part landed"])
-def test_kill9_mid_run_then_rerun_leaves_every_input_exactly_once(media, reference, tmp_path, moment):
+def test_kill9_mid_run_then_rerun_leaves_every_input_exactly_once(media, reference, tmp_path):
+    """kill -9 as soon as the first part has landed (the other crash windows, an open temp
+    file and a lagging state, are built exactly in the next test)."""
     inbox = _inbox(media, tmp_path / "inbox", [f"clip{i}.mp4" for i in range(N_VIDEOS)])
     ds = tmp_path / "ds"
     cmd = [str(FER_BATCH), "process", str(inbox), "--out", str(ds), "--incremental", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    glob = "date=*/.part-*.tmp" if moment == "temp file open" else "date=*/part-*.parquet"
-    found = _wait_for(ds, glob, proc)
+    found = _wait_for(ds, "date=*/part-*.parquet", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert found, f"the run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
@@ -345,7 +348,7 @@ def test_second_run_while_locked_exits_3(reference, tmp_path):
 
 
 def test_two_runs_started_at_once_one_gets_exit_3(media, tmp_path):
-    inbox = _inbox(media, tmp_path / "inbox", ["group.jpg", "clip4.mp4"])
+    inbox = _inbox(media, tmp_path / "inbox", ["group.jpg"])
     ds = tmp_path / "ds"
     cmd = [str(FER_BATCH), "process", str(inbox), "--out", str(ds), "--incremental", "--quiet"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()) for _ in range(2)]
@@ -353,7 +356,7 @@ def test_two_runs_started_at_once_one_gets_exit_3(media, tmp_path):
     errs = [p.stderr.read().decode() for p in procs]
     assert codes == [0, 3], errs
     assert any("another fer-batch run holds the lock" in e for e in errs)
-    assert len(list(ds.glob("date=*/part-*.parquet"))) == 2
+    assert len(list(ds.glob("date=*/part-*.parquet"))) == 1
 
 
 def test_other_schema_version_is_refused(reference, tmp_path):
@@ -376,11 +379,13 @@ def test_other_schema_version_is_refused(reference, tmp_path):
     meta = dict(t.schema.metadata)
     meta[META_SCHEMA_VERSION] = b"2.0"
     pq.write_table(t.replace_schema_metadata(meta), part)
-    before = sorted(str(p) for p in ds.rglob("*"))
+    def listing():
+        return sorted((str(p), p.stat().st_mtime_ns) for p in ds.rglob("*") if p.is_file() and p.name != ".lock")
+
+    before = listing()
     with pytest.raises(OutputError, match=r"schema version\(s\) \['2.0'\]"):
         run_incremental(src / "inbox", ds, CFG)
-    after = sorted(str(p) for p in ds.rglob("*") if ".lock" not in str(p) and "_state" not in str(p) and "_runs" not in str(p))
-    assert after == [p for p in before if ".lock" not in p]
+    assert listing() == before  # nothing written, nothing removed
 
 
 def test_bad_output_locations_are_clear_usage_errors(tmp_path, reference):

@@ -50,7 +50,8 @@ def run_incremental_cli(
                 err.print(
                     f"run {plan.run_id}: {len(plan.work)} input(s) to process "
                     f"({sum(w.outcome == 'new' for w in plan.work)} new, "
-                    f"{sum(w.outcome == 'changed' for w in plan.work)} changed)"
+                    f"{sum(w.outcome == 'changed' for w in plan.work)} changed)",
+                    soft_wrap=True,
                 )
             if quiet or not plan.work:
                 result = ds.execute(plan, cfg)
@@ -63,14 +64,16 @@ def run_incremental_cli(
                 with Progress(*cols, console=err, transient=True) as p:
                     result = ds.execute(plan, cfg, hook=ProgressHook(p, len(plan.work)))
     except LockHeldError as e:
-        err.print(f"[yellow]locked:[/yellow] {escape(str(e))}")
+        err.print(f"[yellow]locked:[/yellow] {escape(str(e))}", soft_wrap=True)
         return EXIT_LOCKED
     except FerBatchError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         return EXIT_USAGE
 
     for o in result.outcomes:
-        if o["outcome"] == "unchanged":
+        if o["outcome"] in ("unchanged", "skipped"):  # counted below; listed with -v and in the run summary
+            if o["outcome"] == "skipped":
+                log.info("skipped   %s: %s", o["path"], o.get("error"))
             continue
         what = o["outcome"]
         detail = o.get("error") or ""
@@ -85,12 +88,14 @@ def run_incremental_cli(
             + (f" ({c['failed_before_unchanged']} of them failed before)" if c["failed_before_unchanged"] else "")
             + (f", {c['skipped']} skipped" if c["skipped"] else "")
             + (f", {c['failed']} failed" if c["failed"] else "")
-            + f" ({result.summary['wall_s']:.1f} s); summary: {where}"
+            + f" ({result.summary['wall_s']:.1f} s); summary: {where}",
+            soft_wrap=True,
         )
     else:
         err.print(
             f"done: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, {c['failed']} failed, "
             f"{c['skipped']} skipped; {result.summary['rows_written']} rows written "
-            f"({result.summary['wall_s']:.1f} s); summary: {where}"
+            f"({result.summary['wall_s']:.1f} s); summary: {where}",
+            soft_wrap=True,
         )
     return result.exit_code
