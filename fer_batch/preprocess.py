@@ -92,7 +92,7 @@ class PreprocessSpec:
         if self.crop:
             out["crop"] = self.crop
         if self.template is not None:
-            out["align_template"] = {"size": self.template_size or self.size, "points": np.round(self.template, 3).tolist()}
+            out["align_template"] = {"size": self.template_size or self.size, "points": [[round(float(v), 3) for v in pt] for pt in self.template]}
         return out
 
     def template_points(self) -> tuple[np.ndarray, int]:

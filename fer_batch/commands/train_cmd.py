@@ -147,6 +147,98 @@ def evaluate(
     typer.echo(format_report(m))
 
 
+def export(
+    ckpt: str = typer.Argument(..., help="A training checkpoint (best.pt / last.pt), read weights-only."),
+    name: str = typer.Option(..., "--name", help="Model name: writes MODELS_DIR/NAME.yaml and MODELS_DIR/NAME/emotion_NAME.onnx."),
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR", help="Registry directory (default: the pack)."),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 weights inside the graph (for GPUs; fp32 input/output)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="The card's default for flip test-time augmentation (the pipeline follows it)."),
+    test: str = typer.Option(None, "--test", help="Measure metrics on this DATA for the card (full, with and without TTA)."),
+    train_data: str = typer.Option(None, "--train-data", help="With --test: also report metrics without test images duplicated in this DATA."),
+    detect_metrics: bool = typer.Option(False, "--detect-metrics", help="With --test: also measure the detect+align path."),
+    default: bool = typer.Option(False, "--default", help="Mark the new card as the default emotion model (unmarks the others)."),
+    description: str = typer.Option("", "--description"),
+    threads: int = typer.Option(2, "--threads", help="Threads for the faces/s measurement."),
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch) with a PyTorch parity check, and write its model card."""
+    _passive_omp()
+    import yaml
+
+    from fer_batch.models import default_models_dir
+    from fer_batch.train.export import export as do_export
+    from fer_batch.train.export import faces_per_second
+
+    try:
+        mdir = Path(models_dir) if models_dir else default_models_dir()
+        card_path = do_export(ckpt, name, mdir, fp16=fp16, tta=tta, default=False, description=description)
+        if test:
+            card_path = _measure_card(card_path, test, train_data, detect_metrics, threads)
+        card = yaml.safe_load(card_path.read_text())
+        from fer_batch.preprocess import PreprocessSpec
+
+        spec = PreprocessSpec.from_dict(card["preprocess"])
+        onnx_file = card_path.parent / card["file"]
+        card["metrics"]["cpu_faces_per_s_batch64"] = round(faces_per_second(onnx_file, spec, 64, threads), 1)
+        card["metrics"]["cpu_faces_per_s_note"] = f"ONNX Runtime CPU, {threads} threads, batch 64, preprocessing included, tta={bool(card['preprocess'].get('tta'))}"
+        card["metrics"]["file_mb"] = round(onnx_file.stat().st_size / 1e6, 2)
+        card["default"] = bool(default)
+        card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=110))
+        if default:
+            _make_default(mdir, name)
+    except FerBatchError as e:
+        _fail(e)
+    typer.echo(f"card: {card_path}")
+    typer.echo(card_path.read_text())
+
+
+def _measure_card(card_path: Path, test: str, train_data: str | None, detect_metrics: bool, threads: int) -> Path:
+    import yaml
+
+    from fer_batch.train.evaluate import run
+
+    card = yaml.safe_load(card_path.read_text())
+    m: dict = {"data": test, "tta_default": bool(card["preprocess"].get("tta"))}
+    for use_tta in (False, True):
+        r = run(str(card_path), test, tta=use_tta, threads=threads)
+        sfx = "_tta" if use_tta else ""
+        m[f"test_accuracy{sfx}"] = round(r["accuracy"], 4)
+        m[f"test_macro_f1{sfx}"] = round(r["macro_f1"], 4)
+        if train_data:
+            r2 = run(str(card_path), test, tta=use_tta, threads=threads, exclude_dups_of=train_data)
+            m[f"test_nodup_accuracy{sfx}"] = round(r2["accuracy"], 4)
+            m[f"test_nodup_macro_f1{sfx}"] = round(r2["macro_f1"], 4)
+            m["nodup_excluded"] = r2["excluded_duplicates"]
+        if detect_metrics:
+            r3 = run(str(card_path), test, tta=use_tta, threads=threads, detect=True)
+            m[f"test_detect_accuracy{sfx}"] = round(r3["accuracy"], 4)
+            m[f"test_detect_macro_f1{sfx}"] = round(r3["macro_f1"], 4)
+            m["test_detect_no_face"] = r3["no_prediction"]
+    m["command"] = f"fer-batch evaluate {card['name']} {test} [--tta|--no-tta] [--exclude-duplicates-of {train_data}] [--detect]"
+    card["metrics"] = m
+    card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=110))
+    return card_path
+
+
+def _make_default(mdir: Path, name: str) -> None:
+    """Set ``default: true`` on NAME's card and false on every other emotion card (one line each)."""
+    import re
+
+    import yaml
+
+    for p in sorted(mdir.glob("*.yaml")):
+        raw = yaml.safe_load(p.read_text())
+        if not isinstance(raw, dict) or raw.get("task") != "emotion_classification":
+            continue
+        want = raw.get("name") == name
+        text = p.read_text()
+        if re.search(r"(?m)^default:", text):
+            text = re.sub(r"(?m)^default:.*$", f"default: {str(want).lower()}", text)
+        else:
+            text = text.replace("\nfile:", f"\ndefault: {str(want).lower()}\nfile:", 1)
+        p.write_text(text)
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("export")(export)
