@@ -186,5 +186,11 @@ def align_crop(image_bgr: np.ndarray, kps: np.ndarray, spec_or_card) -> np.ndarr
     out = np.empty((len(kps), side, side, 3), np.uint8)
     for i, k in enumerate(kps):
         m = _umeyama(k, tpl)
-        out[i] = cv2.warpAffine(image_bgr, m, (side, side), flags=cv2.INTER_AREA if m[0, 0] ** 2 + m[0, 1] ** 2 < 1 else cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        scale = float(np.hypot(m[0, 0], m[0, 1]))
+        # Shrinking a large face: warp at up to 4x the output side, then area-average down
+        # (bilinear warping alone would alias, unlike the camera-like downscale of FER2013).
+        f = int(min(4, max(1, np.floor(1.0 / max(scale, 1e-6)))))
+        mf = m * np.float32(f)
+        big = cv2.warpAffine(image_bgr, mf, (side * f, side * f), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out[i] = cv2.resize(big, (side, side), interpolation=cv2.INTER_AREA) if f > 1 else big
     return out
