@@ -41,6 +41,7 @@ does not fail every scheduled run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -770,6 +771,8 @@ class IncrementalDataset:
                     yield item, SourceResult(table, row)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    staging.parent.rmdir()  # only when empty
 
         return gen(), result.models, device
 

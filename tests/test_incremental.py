@@ -408,3 +408,19 @@ def test_bad_output_locations_are_clear_usage_errors(tmp_path, reference):
                        capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 2 and "cannot create the dataset directory" in r.stderr
     assert sorted(p.name for p in not_a_dataset.iterdir()) == ["thesis.docx"]  # nothing written there
+
+
+@pytest.mark.slow
+def test_ray_runner_lands_the_same_rows(media, reference, tmp_path):
+    """``--runner ray`` (an embedded local Ray, one worker): the same rows, one part per input,
+    the Ray staging folder gone, and the next local run finds nothing to do."""
+    pytest.importorskip("ray")
+    inbox = _inbox(media, tmp_path / "inbox", ["clip5.mp4", "group.jpg"])
+    ds = tmp_path / "ds"
+    cfg = CFG.replace(ray={"num_workers": 1})
+    cfg = RunConfig(**{**{f: getattr(cfg, f) for f in ("sampling", "detect", "track", "classify", "ray")}, "runner": "ray"})
+    res = run_incremental(inbox, ds, cfg)
+    assert res.exit_code == 0 and res.counts["new"] == 2, res.summary
+    assert not (ds / "_staging").exists()
+    _check_exactly_once(ds, {k: reference["counts"][k] for k in ("clip5.mp4", "group.jpg")})
+    assert run_incremental(inbox, ds, CFG).summary["nothing_to_do"]  # the runner is not part of the fingerprint

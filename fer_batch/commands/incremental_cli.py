@@ -79,6 +79,8 @@ def run_incremental_cli(
         detail = o.get("error") or ""
         if what in ("new", "changed"):
             detail = f"{o['status']}, {o.get('rows', 0)} rows -> {o.get('part')}" + (f" ({o['error']})" if o.get("error") else "")
+            if what == "changed":
+                detail += f" [{o.get('reason')}]"
         err.print(f"[{_COLOUR.get(what, '')}]{what:<9}[/] {escape(str(o['path']))}: {escape(detail)}", soft_wrap=True)
     c = result.counts
     where = f"{result.dataset}/{RUNS_DIR}/{result.run_id}.json"
