@@ -209,3 +209,24 @@ def test_cli_evaluate_prints_metrics(folder, tmp_path, capsys):
     assert m["n"] == len(load_dataset(folder, 48, "gray")) and len(m["confusion"]) == 7
     assert (tmp_path / "m.confusion.png").is_file()
     assert f"accuracy: {m['accuracy']:.4f}" in out
+
+
+def test_transfer_from_torchvision_weights_with_freeze(folder, tmp_path):
+    """``--init`` a torchvision architecture from a local weights file; the head trains alone while frozen."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_small(weights=None)
+    wfile = tmp_path / "mnv3s.pth"
+    torch.save(tv.state_dict(), wfile)  # a plain state dict, as torchvision ships them
+    out = tmp_path / "run"
+    main(_args(folder, out, arch={"name": "tv:mobilenet_v3_small"}, init=str(wfile), epochs=1, freeze_epochs=1,
+               backbone_lr_mult=0.1, preprocess={"size": 48, "crop": 40, "colour": "gray", "mean": [0.5], "std": [0.5]}))
+    sd = load_checkpoint(out / "last.pt")["model"]
+    first = tv.state_dict()["features.0.0.weight"]
+    # the RGB stem was folded into the gray stem (sum over colour) and stayed frozen
+    assert torch.allclose(sd["features.0.0.weight"], first.sum(1, keepdim=True))
+    assert torch.equal(sd["features.3.block.0.0.weight"], tv.state_dict()["features.3.block.0.0.weight"])
+    assert sd["classifier.3.weight"].shape == (7, 1024)
+    hist = json.loads(load_checkpoint(out / "last.pt")["history"])
+    assert hist[0]["frozen"] is True

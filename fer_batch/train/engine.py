@@ -181,6 +181,13 @@ def _make_model(args: TrainArgs, spec: PreprocessSpec, num_classes: int) -> nn.M
     if name.startswith("tv:"):
         m = build_model(args.arch, num_classes, spec.channels)
         replace_head(m, num_classes)
+        if spec.channels == 1:  # gray input: the first RGB conv becomes a 1-channel conv
+            for mod_name, mod in m.named_modules():
+                if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
+                    parent = m.get_submodule(mod_name.rsplit(".", 1)[0]) if "." in mod_name else m
+                    setattr(parent, mod_name.rsplit(".", 1)[-1], nn.Conv2d(1, mod.out_channels, mod.kernel_size, mod.stride,
+                                                                           mod.padding, mod.dilation, mod.groups, mod.bias is not None))
+                    break
         return m
     return build_model(args.arch, num_classes, spec.channels)
 
