@@ -424,3 +424,26 @@ def test_ray_runner_lands_the_same_rows(media, reference, tmp_path):
     assert not (ds / "_staging").exists()
     _check_exactly_once(ds, {k: reference["counts"][k] for k in ("clip5.mp4", "group.jpg")})
     assert run_incremental(inbox, ds, CFG).summary["nothing_to_do"]  # the runner is not part of the fingerprint
+
+
+def test_image_sequence_identity_covers_its_frames(media, tmp_path):
+    """A folder read as one sequence is one input: a changed or added frame reprocesses it."""
+    import cv2
+
+    seq = tmp_path / "inbox" / "session1"
+    seq.mkdir(parents=True)
+    img = cv2.imread(str(media / "group.jpg"))
+    for i in range(2):
+        cv2.imwrite(str(seq / f"frame{i:03d}.png"), img)
+    ds = tmp_path / "ds"
+    cfg = CFG.replace(sampling={"images_as": "sequence"})
+    res = run_incremental(tmp_path / "inbox", ds, cfg)
+    assert res.counts["new"] == 1 and res.summary["rows_written"] == 12, res.summary
+    assert run_incremental(tmp_path / "inbox", ds, cfg).summary["nothing_to_do"]
+    cv2.imwrite(str(seq / "frame002.png"), img)  # one more frame
+    res = run_incremental(tmp_path / "inbox", ds, cfg)
+    assert res.counts["changed"] == 1 and res.summary["files_hashed"] == 1 and res.summary["rows_written"] == 18
+    assert len(list(ds.glob("date=*/part-*.parquet"))) == 1 and read_dataset(ds).num_rows == 18
+    # the same images as separate files are other inputs (the images_as option is fingerprinted)
+    res = run_incremental(tmp_path / "inbox", ds, CFG)
+    assert res.counts["new"] == 3
