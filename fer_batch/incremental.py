@@ -717,9 +717,14 @@ class IncrementalDataset:
             error, error_code = f"{type(e).__name__}: {e}", EXIT_FAILED
             raise
         finally:
-            self._save_state()
-            result = self._summarise(plan, outcomes, models_info, device, decoded, rows_written, parts_removed,
-                                     error, error_code)
+            try:
+                self._save_state()
+                result = self._summarise(plan, outcomes, models_info, device, decoded, rows_written, parts_removed,
+                                         error, error_code)
+            except (OSError, FerBatchError) as e:
+                if error is None:
+                    raise
+                log.error("could not record the state / run summary after the error above: %s", e)
         return result
 
     def _results(self, plan: Plan, cfg: RunConfig, hook) -> tuple[Iterator, dict, str]:
@@ -783,7 +788,7 @@ class IncrementalDataset:
         base = {"path": str(src.path), "source_id": sid, "outcome": item.outcome, "reason": item.reason,
                 "status": row["status"], "error": row.get("error"), "row": row}
         if row["status"] == "failed":
-            self.state.failed[sid] = {"path": str(src.path), "content": item.content, "run_fp": plan.run_fp,
+            self.state.failed[sid] = {"path": str(src.path), "kind": src.kind, "content": item.content, "run_fp": plan.run_fp,
                                       "error": row.get("error"), "run_id": plan.run_id}
             self._save_state()
             return {**base, "outcome": "failed", "was": item.outcome, "rows": 0}
@@ -799,7 +804,9 @@ class IncrementalDataset:
         meta[META_INCREMENTAL] = _canonical(inc)
         table = table.replace_schema_metadata(meta)
         final = self.root / rel
-        final.parent.mkdir(exist_ok=True)
+        if not final.parent.exists():
+            final.parent.mkdir()
+            _fsync_dir(self.root)  # the new partition's entry must survive a power loss too
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -930,8 +937,41 @@ def read_dataset(dataset: str | os.PathLike, columns: list[str] | None = None) -
     return ds.dataset(str(root), format="parquet", partitioning="hive").to_table(columns=columns)
 
 
+def sources_table(dataset: str | os.PathLike) -> pa.Table:
+    """The sources table (``SOURCES_SCHEMA``) of a dataset: one row per input it holds rows
+    for (from each part's metadata), plus the inputs recorded as failed in the state.
+
+    Read-only and lock-free: a report can call it while a run is going on.
+    """
+    from fer_batch.schema import SOURCES_SCHEMA, rows_to_table
+
+    root = Path(dataset)
+    rows: dict[str, dict] = {}
+    newest: dict[str, tuple] = {}
+    for f in sorted(root.glob("date=*/part-*.parquet")):
+        if not PARTITION_RE.match(f.parent.name) or not PART_RE.match(f.name):
+            continue
+        try:
+            inc = json.loads((pq.read_schema(f).metadata or {})[META_INCREMENTAL])
+        except (OSError, pa.ArrowException, KeyError, ValueError):
+            continue
+        key = (inc.get("written_ns", 0), inc.get("run_id", ""))
+        if inc["source_id"] not in newest or key > newest[inc["source_id"]]:
+            newest[inc["source_id"]] = key
+            rows[inc["source_id"]] = inc["row"]
+    try:
+        state = State.from_bytes((root / STATE_DIR / "state.json").read_bytes())
+        for sid, fail in state.failed.items():
+            if sid not in rows:
+                rows[sid] = {"source_id": sid, "path": fail["path"], "kind": fail.get("kind", "other"), "status": "failed",
+                             "error": fail.get("error"), "frames_sampled": 0, "faces": 0, "tracks": 0, "wall_s": 0.0}
+    except (OSError, ValueError, _SchemaMismatch):
+        pass
+    return rows_to_table(sorted(rows.values(), key=lambda r: r["path"]), SOURCES_SCHEMA)
+
+
 __all__ = [
-    "run_incremental", "read_dataset", "IncrementalDataset", "IncrementalResult", "DatasetLock",
+    "run_incremental", "read_dataset", "sources_table", "IncrementalDataset", "IncrementalResult", "DatasetLock",
     "LockHeldError", "model_fingerprint", "run_fingerprint", "hash_file",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_LOCKED",
 ]

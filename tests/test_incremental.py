@@ -34,6 +34,7 @@ from fer_batch.incremental import (
     model_fingerprint,
     read_dataset,
     run_fingerprint,
+    sources_table,
     run_incremental,
 )
 from fer_batch.schema import META_SCHEMA_VERSION
@@ -130,6 +131,9 @@ def test_first_run_dataset_reads_as_one_table(reference):
     # metadata: schema version and the incremental record in each part
     meta = pq.read_schema(d.files[0]).metadata
     assert meta[META_SCHEMA_VERSION] and json.loads(meta[META_INCREMENTAL])["content"].startswith("b2:")
+    src = sources_table(ds).to_pylist()
+    assert len(src) == N_VIDEOS + 1 and {r["status"] for r in src} == {"ok"}
+    assert {Path(r["path"]).name: r["faces"] for r in src} == reference["counts"]
     run = json.loads((ds / "_runs" / f"{s['run_id']}.json").read_text())
     assert run["exit_code"] == 0 and {o["outcome"] for o in run["inputs"]} == {"new", "skipped"}
 
@@ -226,6 +230,7 @@ def test_failed_input_recorded_and_retried_only_when_changed(tmp_path, media):
     ds = tmp_path / "ds"
     res = run_incremental(inbox, ds, CFG)
     assert res.exit_code == 1 and res.counts["failed"] == 1
+    assert [(r["status"], Path(r["path"]).name) for r in sources_table(ds).to_pylist()] == [("failed", "broken.mp4")]
     res = run_incremental(inbox, ds, CFG)
     assert res.exit_code == 0 and res.summary["nothing_to_do"] and res.counts["failed_before_unchanged"] == 1
     assert res.summary["sources_decoded"] == 0
