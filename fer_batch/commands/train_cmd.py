@@ -130,6 +130,7 @@ def evaluate(
     det_size: int = typer.Option(320, "--det-size", help="Detector canvas for --detect."),
     drop_unknown: bool = typer.Option(False, "--drop-unknown"),
     limit: int = typer.Option(0, "--limit", help="Only the first N images (0 = all)."),
+    every: int = typer.Option(1, "--every", help="Only every K-th image (a fixed, class-mixed subset)."),
     models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR"),
 ) -> None:
     """Accuracy, macro-F1, per-class precision/recall/F1 and confusion matrix of a model on DATA."""
@@ -138,7 +139,7 @@ def evaluate(
 
     try:
         m = run(model, data, tta=tta, detect=detect, exclude_dups_of=exclude_dups_of, batch_size=batch_size, threads=threads,
-                device=device, models_dir=str(models_dir) if models_dir else None, drop_unknown=drop_unknown, limit=limit, det_size=det_size)
+                device=device, models_dir=str(models_dir) if models_dir else None, drop_unknown=drop_unknown, limit=limit, det_size=det_size, every=every)
         if json_out and png is None:
             png = json_out.with_suffix(".confusion.png")
         write_outputs(m, json_out, png)

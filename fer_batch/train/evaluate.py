@@ -74,7 +74,7 @@ def _colour_for(clf) -> str:
 
 def run(model: str, data: str, tta: bool | None = None, detect: bool = False, exclude_dups_of: str | None = None,
         batch_size: int = 256, threads: int = 0, device: str = "cpu", models_dir: str | None = None,
-        drop_unknown: bool = False, limit: int = 0, det_size: int = 320) -> dict[str, Any]:
+        drop_unknown: bool = False, limit: int = 0, det_size: int = 320, every: int = 1) -> dict[str, Any]:
     """Evaluate; returns the metrics dict (also the model info, data, timing)."""
     clf = open_classifier(model, tta, batch_size, threads, device, models_dir)
     size = 0 if detect else clf.spec.size
@@ -85,6 +85,8 @@ def run(model: str, data: str, tta: bool | None = None, detect: bool = False, ex
         dup = np.isin(ds.keys.astype(str), ref.keys.astype(str))
         excluded = int(dup.sum())
         ds = ds.subset(np.flatnonzero(~dup))
+    if every > 1:
+        ds = ds.subset(np.arange(0, len(ds), every))
     if limit:
         ds = ds.subset(np.arange(min(limit, len(ds))))
     if len(ds) == 0:
