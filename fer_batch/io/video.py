@@ -255,7 +255,7 @@ class MediaReader:
             avg_fps = float("nan")
         self.native_fps = avg_fps if np.isfinite(avg_fps) and avg_fps > 0 else None
         ts = pts[:, 0]
-        if not (np.all(np.isfinite(ts)) and (n == 1 or np.all(np.diff(ts) > 0)) and ts[0] > -1.0):
+        if not (np.all(np.isfinite(ts)) and np.all(np.diff(ts) >= 0) and ts[-1] > ts[0] - 1e-9 and ts[0] > -1.0):
             if self.native_fps is None:
                 raise DecodeError(f"{path}: frame timestamps are unusable and the container gives no frame rate")
             log.warning("%s: frame timestamps unusable; using frame index / %.3f fps", path, self.native_fps)
