@@ -419,7 +419,10 @@ def _clean(e: BaseException) -> str:
     if m:
         code = int(m.group(1))
         names = {-1094995529: "AVERROR_INVALIDDATA", -541478725: "AVERROR_EOF", -5: "EIO", -12: "ENOMEM"}
-        msg = msg.replace(m.group(0), f"(returned {names.get(code, code)})")
+        name = names.get(code, str(code))
+        if "avcodec_send_packet" in msg:
+            return f"the decoder rejected corrupt stream data ({name})"
+        msg = msg.replace(m.group(0), f"(returned {name})")
     return msg[:300]
 
 
