@@ -199,8 +199,8 @@ def process_source(
             row["frames_sampled"] += 1
             hook("frame", {"source": source, "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "faces": len(dets)})
     except DecodeError as e:
-        # Decoding broke off: keep every row computed so far.
-        row.update(status="partial", error=str(e))
+        # Decoding broke off: keep every row computed so far (none read at all: failed).
+        row.update(status="partial" if row["frames_sampled"] else "failed", error=str(e))
         log.warning("%s (kept %d frames before it)", e, row["frames_sampled"])
     except Exception as e:  # noqa: BLE001 - one bad item must never stop the batch
         log.exception("%s: failed", source.path)
