@@ -68,12 +68,14 @@ MAX_SIZE_RATIO = 2.0
 W_MOTION, W_IOU, W_SIZE = 0.5, 0.3, 0.2
 # With embeddings, this share of the cost is the cosine distance (1 - cos, clipped to [0, 1]).
 W_EMB = 0.5
-# Doubtful detections need a closer match: (1 - det_score) * W_SCORE is added to the cost.
-# Detector false positives on background (scores just above the threshold) then start their
-# own short track instead of pulling a face's track away while the face is missed; a real
-# face (score ~0.9+) is barely affected. Raising it protects tracks more but makes partly
-# hidden faces (lower scores) re-join their track less often.
+# Doubtful pairs need a closer match: W_SCORE * (1 - min(detection score, best score of the
+# track)) is added to the cost. A detector false positive on the background (score just
+# above the threshold) then neither takes over the track of a face the detector missed nor,
+# as a track of its own, the face when it passes by; real faces (scores ~0.9+) are barely
+# affected. Raising it protects tracks more but makes partly hidden faces (lower scores)
+# re-join their track less often.
 W_SCORE = 0.4
+LAST_SEEN_PENALTY = 1.0
 SIZE_EMA = 0.5  # weight of the new observation in the smoothed face size
 MAX_GALLERY = 2000  # ended tracks kept for re-identification (oldest dropped first)
 _INF = 1e6
@@ -120,13 +122,14 @@ class _Track:
     last_seen: float
     last_pos: np.ndarray | None = None  # (2,) centre when last seen
     misses: int = 0  # frames in a row without a detection
+    best_score: float = 1.0  # highest detection score seen on this track
     hits: int = 1
     emb_sum: np.ndarray | None = None
     emb: np.ndarray | None = field(default=None)  # L2-normalised mean embedding
 
     @classmethod
-    def start(cls, track_id: int, box: np.ndarray, t: float, emb: np.ndarray | None) -> "_Track":
-        trk = cls(track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t)
+    def start(cls, track_id: int, box: np.ndarray, t: float, emb: np.ndarray | None, score: float) -> "_Track":
+        trk = cls(track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t, best_score=score)
         trk.reset(box, t)
         if emb is not None:
             trk.emb_sum = emb.astype(np.float64).copy()
@@ -155,8 +158,9 @@ class _Track:
     def innovation_var(self) -> float:
         return float(self.P[0, 0] + (MEAS_STD * self.size) ** 2)
 
-    def update(self, box: np.ndarray, t: float, emb: np.ndarray | None) -> None:
+    def update(self, box: np.ndarray, t: float, emb: np.ndarray | None, score: float) -> None:
         c, wh, s = _geom(box[None])
+        self.best_score = max(self.best_score, score)
         S = self.innovation_var()
         K = self.P[:, 0] / S  # gain for (position, velocity)
         y = c[0] - self.pos
@@ -204,11 +208,28 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _assign(cost: np.ndarray, max_cost: float) -> list[tuple[int, int]]:
-    """Minimum-cost one-to-one assignment; pairs costing more than ``max_cost`` are dropped."""
-    if cost.size == 0:
+    """Minimum-cost one-to-one assignment in which leaving a row or column unmatched is allowed.
+
+    Plain ``linear_sum_assignment`` on a gated matrix must still match every row (or column):
+    a track with no plausible detection then takes one anyway and pushes the right track off
+    it, and dropping the over-threshold pair afterwards does not undo that. So the problem is
+    padded: each row and each column may instead take a "no match" slot costing
+    ``max_cost / 2``, so a pair is only matched when it costs less than ``max_cost``, and the
+    total over all pairs is what is minimised.
+    """
+    n, m = cost.shape
+    if n == 0 or m == 0:
         return []
-    rows, cols = linear_sum_assignment(cost)
-    return [(int(r), int(c)) for r, c in zip(rows, cols) if cost[r, c] <= max_cost]
+    big = 1e9
+    c = np.where(np.isfinite(cost) & (cost <= max_cost), cost, big)
+    half = max_cost / 2.0
+    pad = np.full((n + m, m + n), big)
+    pad[:n, :m] = c
+    pad[:n, m:][np.diag_indices(n)] = half  # row i unmatched
+    pad[n:, :m][np.diag_indices(m)] = half  # column j unmatched
+    pad[n:, m:] = 0.0
+    rows, cols = linear_sum_assignment(pad)
+    return [(int(r), int(k)) for r, k in zip(rows, cols) if r < n and k < m and c[r, k] < big]
 
 
 class FaceTracker:
@@ -274,15 +295,16 @@ class FaceTracker:
                 trk.misses += 1
             return dets.with_(track_id=ids)
         boxes = np.asarray(dets.xyxy, np.float64)
+        scores = np.nan_to_num(np.asarray(dets.det_score, np.float64), nan=0.0)
 
         # 1) live tracks by motion (+ appearance), one-to-one.
         for trk in self._live:
             trk.predict(t)
         matched_trk: set[int] = set()
         if self._live:
-            cost = self._cost(self._live, boxes, emb, np.asarray(dets.det_score, np.float64))
+            cost = self._cost(self._live, boxes, emb, scores)
             for r, c in _assign(cost, self.cfg.match_thresh):
-                self._live[r].update(boxes[c], t, None if emb is None else emb[c])
+                self._live[r].update(boxes[c], t, None if emb is None else emb[c], float(scores[c]))
                 ids[c] = self._live[r].track_id
                 matched_trk.add(r)
 
@@ -302,7 +324,7 @@ class FaceTracker:
                     trk, j = cands[r], int(free[c])
                     log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
                     trk.reset(boxes[j], t)
-                    trk.update(boxes[j], t, emb[j])
+                    trk.update(boxes[j], t, emb[j], float(scores[j]))
                     if any(g is trk for g in self._gallery):
                         self._gallery = [g for g in self._gallery if g is not trk]
                         self._live.append(trk)
@@ -310,7 +332,7 @@ class FaceTracker:
 
         # 3) every face still without a track starts one now.
         for j in np.flatnonzero(ids < 0):
-            trk = _Track.start(self._next_id, boxes[j], t, None if emb is None else emb[j])
+            trk = _Track.start(self._next_id, boxes[j], t, None if emb is None else emb[j], float(scores[j]))
             self._next_id += 1
             self._live.append(trk)
             ids[j] = trk.track_id
@@ -371,7 +393,7 @@ class FaceTracker:
         missed = np.array([trk.misses > 0 for trk in tracks])
         if missed.any():
             last = np.stack([trk.last_pos for trk in tracks])
-            d_last = np.linalg.norm(centres[None, :, :] - last[:, None, :], axis=2)
+            d_last = np.linalg.norm(centres[None, :, :] - last[:, None, :], axis=2) + LAST_SEEN_PENALTY * tsize[:, None]
             dist = np.where(missed[:, None], np.minimum(dist, d_last), dist)
         gate = np.minimum(GATE_SIGMA * std, GATE_MAX_SIZES * tsize)[:, None]
         motion = dist / gate
@@ -386,7 +408,8 @@ class FaceTracker:
                 sim[has] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb.T
                 app = np.clip(1.0 - sim, 0.0, 1.0)
                 cost = np.where(has[:, None], (1 - W_EMB) * cost + W_EMB * app, cost)
-        cost = cost + W_SCORE * np.clip(1.0 - scores, 0.0, 1.0)[None, :]
+        best = np.array([trk.best_score for trk in tracks])
+        cost = cost + W_SCORE * np.clip(1.0 - np.minimum(scores[None, :], best[:, None]), 0.0, 1.0)
         gated = (motion > 1.0) | (size_term > 1.0)
         return np.where(gated, _INF, cost)
 

@@ -274,3 +274,13 @@ def test_iou_matrix_hand_checked():
     a = np.array([[0, 0, 10, 10]], float)
     b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]], float)
     np.testing.assert_allclose(iou_matrix(a, b), [[50 / 150, 0.0, 1.0]])
+
+
+def test_assignment_lets_an_implausible_track_stay_unmatched():
+    """A track with no plausible detection must not push another track off its face."""
+    from fer_batch.track import _assign
+
+    cost = np.array([[0.05, 0.9], [0.7, 1e6]])  # track 0 fits detection 0; track 1 fits nothing
+    assert _assign(cost, 0.8) == [(0, 0)]
+    assert _assign(np.zeros((0, 3)), 0.8) == []
+    assert sorted(_assign(np.array([[0.1, 0.2], [0.2, 0.1], [0.3, 0.3]]), 0.8)) == [(0, 0), (1, 1)]
