@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (read at ray import)
@@ -513,9 +514,14 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
     for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL"):
         env.pop(k, None)
     port, dport, cport = _free_port(), _free_port(), _free_port()
+    # Ray's fixed default ports (dashboard agent 52365, metrics 44217/44227) may be taken by
+    # another Ray on this machine (the cluster fixture): a job needs its own agent's port.
+    env.update(DASHBOARD_METRIC_PORT=str(_free_port()), AUTOSCALER_METRIC_PORT=str(_free_port()))
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport), "--ray-client-server-port", str(cport),
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
          "--temp-dir", str(tmp), "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
         env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -551,11 +557,21 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
             [str(ray_bin), "job", "submit", "--address", api, "--runtime-env", "jobs/ray/runtime_env.yaml", "--",
              "sh", "jobs/ray/entrypoint.sh", str(video), "--out", str(out2), *common],
         ]  # fmt: skip
-        procs = [subprocess.Popen(j, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for j in jobs]  # fmt: skip
-        logs = [p.communicate(timeout=400)[0] for p in procs]
-        for p, log_text in zip(procs, logs):
-            assert p.returncode == 0 and "succeeded" in log_text, log_text[-3000:]
+
+        def submit(cmd: list[str]) -> subprocess.CompletedProcess:
+            # Right after start-up the head may answer "No available agent to submit job,
+            # please try again later": do what it says.
+            for _ in range(30):
+                r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+                if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+                    return r
+                time.sleep(2)
+            return r
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(submit, jobs))
+        for r in results:
+            assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
         for out in (out1, out2):
             t = _read(out)
             src = t["sources"].to_pylist()
