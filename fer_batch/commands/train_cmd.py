@@ -209,12 +209,16 @@ def _measure_card(card_path: Path, test: str, train_data: str | None, detect_met
             m[f"test_nodup_accuracy{sfx}"] = round(r2["accuracy"], 4)
             m[f"test_nodup_macro_f1{sfx}"] = round(r2["macro_f1"], 4)
             m["nodup_excluded"] = r2["excluded_duplicates"]
-        if detect_metrics:
+        if detect_metrics and use_tta == m["tta_default"]:
             r3 = run(str(card_path), test, tta=use_tta, threads=threads, detect=True)
             m[f"test_detect_accuracy{sfx}"] = round(r3["accuracy"], 4)
             m[f"test_detect_macro_f1{sfx}"] = round(r3["macro_f1"], 4)
             m["test_detect_no_face"] = r3["no_prediction"]
     m["command"] = f"fer-batch evaluate {card['name']} {test} [--tta|--no-tta] [--exclude-duplicates-of {train_data}] [--detect]"
+    sub = run(str(card_path), test, tta=False, threads=threads, every=7)
+    m["regression_subset"] = {"data": Path(test).name, "every": 7, "n": sub["n"], "accuracy": round(sub["accuracy"], 4),
+                              "macro_f1": round(sub["macro_f1"], 4),
+                              "command": f"fer-batch evaluate {card['name']} {test} --no-tta --every 7"}
     card["metrics"] = m
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=110))
     return card_path
