@@ -367,7 +367,7 @@ def _progress(out_dir: Path):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), transient=False)
+                        TextColumn("{task.fields[info]}"), transient=True)
     return None
 
 
@@ -516,7 +516,8 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
             if progress:
                 progress.console.print(msg)
                 progress.remove_task(task)
-            log.info(msg)
+            else:
+                log.info(msg)
             epoch += 1
     finally:
         if progress:
