@@ -583,3 +583,20 @@ def test_job_submission_to_a_token_protected_head(inputs, tmp_path):
         head.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
     assert not _group_members(head.pid)
+
+
+def test_job_files_are_well_formed():
+    """jobs/ray: the RayJob asks for token auth and the Ray runner; runtime_env ships the code."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((REPO / "jobs" / "ray" / "rayjob.yaml").read_text()) if d]
+    assert [d["kind"] for d in docs] == ["RayJob"]  # no Service / Ingress exposing Ray's ports
+    spec = docs[0]["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["entrypoint"].startswith("fer-batch process ") and "--runner ray" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    env = yaml.safe_load((REPO / "jobs" / "ray" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv/" in env["excludes"]
+    assert not any("KEY" in k or "SECRET" in k for k in env.get("env_vars", {}))  # no credentials in it
+    script = (REPO / "jobs" / "ray" / "entrypoint.sh").read_text()
+    assert 'fer-batch process "$@" --runner ray' in script and "RAY_ADDRESS" in script
