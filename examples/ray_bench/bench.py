@@ -50,6 +50,15 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def default_videos(tmp: Path) -> list[Path]:
     if SHARED_VIDEO.exists():
         return [SHARED_VIDEO]
@@ -68,21 +77,25 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
     from fer_batch.api import run
 
     rtmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths are limited
-    os.environ["RAY_TMPDIR"] = rtmp
+    os.makedirs(os.path.join(rtmp, "ray"))
+    os.environ["RAY_TMPDIR"] = rtmp  # Cluster writes its address file there, not in /tmp/ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": rtmp, "include_dashboard": False})
     for _ in range(n_nodes - 1):
         cluster.add_node(num_cpus=1, temp_dir=rtmp)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    ev: dict = {"ready": [], "units": [], "hwm": {}}
+    ev: dict = {"ready": [], "units": [], "hwm": {}, "cpu0": {}, "cpu": {}}
 
     def hook(step: str, payload: dict) -> None:
         now = time.perf_counter()
+        pid = payload.get("pid")
         if step == "worker_ready":
             ev["ready"].append(now)
-            ev["hwm"][payload["pid"]] = vm_hwm_mb(payload["pid"])
+            ev["hwm"][pid] = vm_hwm_mb(pid)
+            ev["cpu0"][pid] = cpu_seconds(pid)  # after loading the models
         elif step == "unit_done":
-            ev["units"].append((now, payload["node_id"], payload["pid"]))
-            ev["hwm"][payload["pid"]] = max(ev["hwm"].get(payload["pid"], 0.0), vm_hwm_mb(payload["pid"]))
+            ev["units"].append((now, payload["node_id"], pid))
+            ev["hwm"][pid] = max(ev["hwm"].get(pid, 0.0), vm_hwm_mb(pid))
+            ev["cpu"][pid] = cpu_seconds(pid)
 
     try:
         t0 = time.perf_counter()
@@ -98,11 +111,13 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
     frames = sum(r["frames_sampled"] for r in res.sources.to_pylist())
     faces = sum(r["faces"] for r in res.sources.to_pylist())
     steady = max(u[0] for u in ev["units"]) - min(ev["ready"])
+    worker_cpu = sum(ev["cpu"][p] - ev["cpu0"].get(p, 0.0) for p in ev["cpu"])
     return {
         "nodes": n_nodes, "workers": n_nodes, "units": len(ev["units"]),
         "nodes_used": len({u[1] for u in ev["units"]}), "frames": frames, "faces": faces,
         "wall_s": round(wall, 2), "fps_wall": round(frames / wall, 3),
         "steady_s": round(steady, 2), "fps_steady": round(frames / steady, 3),
+        "worker_cpu_s": round(worker_cpu, 1), "frames_per_worker_cpu_s": round(frames / worker_cpu, 3),
         "worker_peak_rss_mb": round(max(ev["hwm"].values()), 1),
     }  # fmt: skip
 
