@@ -50,6 +50,30 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def descendants_rss_mb(root: int) -> float:
+    """Current RSS summed over every descendant process of ``root`` (Ray's own processes), MB."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    total = 0.0
+    for pid in found:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024.0
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a live process has used so far; 0 if it is gone."""
     try:
@@ -127,16 +151,19 @@ def child_overhead(video: Path, runner: str, out: Path) -> None:
     from fer_batch.api import run
 
     hwm: dict[int, float] = {}
+    ray_rss = [0.0]
 
     def hook(step: str, payload: dict) -> None:
         if step in ("worker_ready", "unit_done"):
             hwm[payload["pid"]] = max(hwm.get(payload["pid"], 0.0), vm_hwm_mb(payload["pid"]))
+            ray_rss[0] = max(ray_rss[0], descendants_rss_mb(os.getpid()))
 
     t0 = time.perf_counter()
     res = run([str(video)], out=str(out), runner=runner, device="cpu", threads=1, num_workers=1, hook=hook)
     wall = time.perf_counter() - t0
     print(json.dumps({"runner": runner, "run_wall_s": round(wall, 2), "frames": int(sum(res.sources.column("frames_sampled").to_pylist())),
-                      "worker_peak_rss_mb": round(max(hwm.values()), 1) if hwm else None}))  # fmt: skip
+                      "worker_peak_rss_mb": round(max(hwm.values()), 1) if hwm else None,
+                      "ray_processes_rss_mb": round(ray_rss[0], 1) if hwm else None}))  # fmt: skip
 
 
 def overhead(video: Path, tmp: Path) -> list[dict]:
