@@ -222,11 +222,10 @@ def test_insightface_path_equals_retinaface_decoding(wheel_dir, detector, t1):
     canvas[:nh] = cv2.resize(t1, (640, nh))
     with torch.no_grad():
         loc, conf, ldm = net(bgr_to_retinaface_input(canvas))
-    dets, kps = decode_retinaface(loc[0].numpy(), conf[0].numpy(), ldm[0].numpy(), 640, 640, 0.5, 0.4)
-    scale = nh / h
+    dets, kps = decode_retinaface(loc[0].numpy(), conf[0].numpy(), ldm[0].numpy(), 640, 640, 0.5, 0.4, scale=nh / h)
     got = detector(Frame(0, 0.0, t1))
-    np.testing.assert_allclose(got.xyxy, dets[:, :4] / scale, atol=1e-2)
-    np.testing.assert_allclose(got.kps, kps / scale, atol=1e-2)
+    np.testing.assert_allclose(got.xyxy, dets[:, :4], atol=1e-2)
+    np.testing.assert_allclose(got.kps, kps, atol=1e-2)
     np.testing.assert_allclose(got.det_score, dets[:, 4], atol=1e-4)
 
 

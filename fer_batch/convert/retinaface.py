@@ -343,20 +343,23 @@ def nms(dets: np.ndarray, thresh: float) -> list[int]:
 
 def decode_retinaface(
     loc: np.ndarray, conf: np.ndarray, landms: np.ndarray, height: int, width: int,
-    thresh: float = 0.5, nms_thresh: float = 0.4,
+    thresh: float = 0.5, nms_thresh: float = 0.4, scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """RetinaFace's decoding of one image's raw outputs (A, 4), (A, 2), (A, 10).
 
-    Returns ``dets`` (K, 5) as (x1, y1, x2, y2, score) and ``kps`` (K, 5, 2) in the pixels of
-    the network input, after the score threshold and NMS (variances 0.1/0.2).
+    ``height``/``width`` are the network input's; ``scale`` is how much the image was resized
+    to make it. As in RetinaFace's ``detect.py``, boxes are mapped back to the image (divided
+    by ``scale``) before NMS, whose ``+1`` areas make it depend on the pixel scale.
+    Returns ``dets`` (K, 5) as (x1, y1, x2, y2, score) and ``kps`` (K, 5, 2) in image pixels,
+    after the score threshold and NMS (variances 0.1/0.2).
     """
     pri = prior_boxes(height, width).astype(np.float64)
     v0, v1 = VARIANCES
     loc = loc.astype(np.float64)
     ctr = pri[:, :2] + loc[:, :2] * v0 * pri[:, 2:]
     wh = pri[:, 2:] * np.exp(loc[:, 2:] * v1)
-    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1)
-    kps = pri[:, None, :2] + landms.astype(np.float64).reshape(-1, 5, 2) * v0 * pri[:, None, 2:]
+    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1) / scale
+    kps = (pri[:, None, :2] + landms.astype(np.float64).reshape(-1, 5, 2) * v0 * pri[:, None, 2:]) / scale
     scores = conf[:, 1].astype(np.float64)
     idx = np.where(scores >= thresh)[0]
     idx = idx[np.argsort(-scores[idx], kind="stable")]
