@@ -50,8 +50,8 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def descendants_rss_mb(root: int) -> float:
-    """Current RSS summed over every descendant process of ``root`` (Ray's own processes), MB."""
+def descendants(root: int) -> set[int]:
+    """Every live descendant process of ``root``."""
     parents: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -63,8 +63,13 @@ def descendants_rss_mb(root: int) -> float:
     while frontier:
         frontier = {p for p, pp in parents.items() if pp in frontier} - found
         found |= frontier
+    return found
+
+
+def descendants_rss_mb(root: int) -> float:
+    """Current RSS summed over every descendant process of ``root`` (Ray's own processes), MB."""
     total = 0.0
-    for pid in found:
+    for pid in descendants(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -107,7 +112,9 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
     for _ in range(n_nodes - 1):
         cluster.add_node(num_cpus=1, temp_dir=rtmp)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    ev: dict = {"ready": [], "units": [], "hwm": {}, "cpu0": {}, "cpu": {}}
+    ev: dict = {"ready": [], "units": [], "hwm": {}, "cpu0": {}, "cpu": {}, "all_cpu": 0.0}
+    me = os.getpid()
+    cpu_before = {p: cpu_seconds(p) for p in descendants(me)}
 
     def hook(step: str, payload: dict) -> None:
         now = time.perf_counter()
@@ -120,6 +127,8 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
             ev["units"].append((now, payload["node_id"], pid))
             ev["hwm"][pid] = max(ev["hwm"].get(pid, 0.0), vm_hwm_mb(pid))
             ev["cpu"][pid] = cpu_seconds(pid)
+            # every process of both nodes (workers and Ray's own), CPU used since the run began
+            ev["all_cpu"] = sum(cpu_seconds(p) - cpu_before.get(p, 0.0) for p in descendants(me))
 
     try:
         t0 = time.perf_counter()
@@ -142,6 +151,7 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
         "wall_s": round(wall, 2), "fps_wall": round(frames / wall, 3),
         "steady_s": round(steady, 2), "fps_steady": round(frames / steady, 3),
         "worker_cpu_s": round(worker_cpu, 1), "frames_per_worker_cpu_s": round(frames / worker_cpu, 3),
+        "cluster_cpu_s": round(ev["all_cpu"], 1),
         "worker_peak_rss_mb": round(max(ev["hwm"].values()), 1),
     }  # fmt: skip
 
