@@ -531,6 +531,10 @@ def main(argv=None) -> int:
     cv2.setNumThreads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
+    try:
+        import trackers.eval  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"the metrics need the `trackers` package: pip install trackers ({e})") from e
     detector = Detector()
     log.info("detector: %s", detector.name)
     sprites = load_sprites(detector, not args.no_shared_photos)
