@@ -110,8 +110,8 @@ def to_bgr(im: Image.Image) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-def _open(path: Path) -> Image.Image:
-    """``Image.open`` with typed, readable errors (reads the header only)."""
+def check_nonempty_file(path: Path) -> int:
+    """The file's size; DecodeError naming the file when it is missing, unstatable or empty."""
     try:
         size = path.stat().st_size
     except FileNotFoundError as e:
@@ -120,6 +120,12 @@ def _open(path: Path) -> Image.Image:
         raise DecodeError(f"{path}: cannot stat file ({e.strerror or e})") from e
     if size == 0:
         raise DecodeError(f"{path}: empty file (0 bytes)")
+    return size
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` with typed, readable errors (reads the header only)."""
+    check_nonempty_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -27,7 +27,7 @@ import numpy as np
 
 from fer_batch.config import SamplingConfig
 from fer_batch.errors import DecodeError
-from fer_batch.io.images import image_size, read_image
+from fer_batch.io.images import check_nonempty_file, image_size, read_image
 from fer_batch.io.sampling import sample_indices
 from fer_batch.types import Frame, MediaSource
 
@@ -220,14 +220,7 @@ class MediaReader:
     # ------------------------------------------------------------------ video
     def _open_video(self) -> None:
         path = self.path
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError as e:
-            raise DecodeError(f"{path}: no such file") from e
-        except OSError as e:
-            raise DecodeError(f"{path}: cannot stat file ({e.strerror or e})") from e
-        if size == 0:
-            raise DecodeError(f"{path}: empty file (0 bytes)")
+        check_nonempty_file(path)
         try:
             with open(path, "rb") as fh:
                 fh.read(1)
