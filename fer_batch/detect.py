@@ -158,7 +158,7 @@ class FaceDetector:
             rec.prepare(0)
         self._det, self._rec = det, rec
         self._info = {
-            "model": name,
+            "name": name,
             "file": str(det_file),
             "sha256": sha,
             "provider": used,
@@ -219,7 +219,7 @@ class FaceDetector:
         input size. Raises ``ModelError`` if the pack has no recognition model.
         """
         if not self.has_recognition:
-            raise ModelError(f"pack {self._info.get('model')} has no recognition model; embeddings are unavailable")
+            raise ModelError(f"pack {self._info.get('name')} has no recognition model; embeddings are unavailable")
         from insightface.utils import face_align
 
         kps = np.asarray(kps, np.float32).reshape(-1, 5, 2)

@@ -91,7 +91,7 @@ def test_t1_six_faces_with_plausible_landmarks(detector, t1):
     assert sides.min() > 80  # the t1 faces are 90-150 px
     info = detector.info
     assert info["provider"] == "CPUExecutionProvider"
-    assert info["model"] == "retinaface_mnet025" and info["det_size"] == [640, 640]
+    assert info["name"] == "retinaface_mnet025" and info["det_size"] == [640, 640]
     assert len(info["sha256"]) == 64 and Path(info["file"]).is_file()
     assert detector.has_recognition is False
     with pytest.raises(ModelError, match="no recognition model"):
@@ -128,7 +128,7 @@ def test_user_pack_dir_with_a_copy_of_our_detector(tmp_path, card, t1, detector)
     _check_faces(dets, 6)
     ref = detector(Frame(0, 0.0, t1))
     np.testing.assert_allclose(dets.xyxy, ref.xyxy, atol=1e-3)
-    assert d.info["model"] == "my_pack/det_copy" and d.info["sha256"] == card.sha256
+    assert d.info["name"] == "my_pack/det_copy" and d.info["sha256"] == card.sha256
 
 
 def test_pack_dir_without_detector(tmp_path):

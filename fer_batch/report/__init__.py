@@ -100,7 +100,7 @@ def build_report(
     models = meta.get("models")
     if isinstance(models, dict) and models:
         names = [
-            f"{k} {v.get('name') or v.get('model') or '?'}" if isinstance(v, dict) else f"{k} {v}" for k, v in models.items()
+            f"{k} {v.get('name') or '?'}" if isinstance(v, dict) else f"{k} {v}" for k, v in models.items()
         ]
         bits.append("models: " + ", ".join(names))
     if figs.smoothed:
