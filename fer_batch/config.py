@@ -148,6 +148,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     runner: str = "local"  # local | ray
     threads: int = 0  # intra-op threads for model sessions (0 = library default)
+    prefetch: int = 3  # frames decoded ahead in a background thread (0 or 1: one ahead)
     models_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -109,6 +109,58 @@ def smooth_probs(track_id: np.ndarray, t: np.ndarray, probs: np.ndarray, window_
     return out
 
 
+_DONE = object()
+
+
+def prefetch(iterable, depth: int = 3):
+    """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead.
+
+    Decoding (FFmpeg inside decord) and inference (ONNX Runtime) both release the GIL, so the
+    next frames decode while the current one is being detected. Memory stays bounded by
+    ``depth`` frames. An exception raised by the iterable is re-raised here, in order, after
+    the items that came before it.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((_DONE, e))
+
+    t = threading.Thread(target=worker, name="fer-batch-decode", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is _DONE:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a worker waiting on a full queue, then let it finish
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
+
+
 class _Batcher:
     """Collects aligned crops across frames and classifies them in batches of ``batch_size``."""
 
@@ -189,8 +241,9 @@ def process_source(
         return SourceResult(FACES_SCHEMA.empty_table(), row, segment)
     row["duration_s"] = reader.duration_s
     hook("source_open", {"source": source, "duration_s": reader.duration_s, "reader": reader})
+    frames = prefetch(reader, depth=cfg.prefetch)
     try:
-        for frame in reader:
+        for frame in frames:
             dets = stages.detector(frame)
             emb = stages.detector.embed(frame.image, dets.kps) if (use_reid and len(dets)) else None
             dets = tracker.update(dets, frame.timestamp_s, embeddings=emb)
@@ -206,6 +259,7 @@ def process_source(
         log.exception("%s: failed", source.path)
         row.update(status="partial" if row["frames_sampled"] else "failed", error=f"{type(e).__name__}: {e}")
     finally:
+        frames.close()  # stops and joins the decode thread before the reader goes away
         reader.close()
     batcher.flush()
     dets = FaceDetections.concat(batcher.done)
