@@ -175,3 +175,14 @@ def test_prepare_and_align_follow_the_card():
     assert np.abs(crop[0].astype(float) - want).max() <= 2
     with pytest.raises(ModelError):
         PreprocessSpec.from_dict({"size": 48, "crop": 64})
+
+
+def test_default_model_finds_the_smile_too(t1_faces):
+    """The shipped default (whatever the registry marks) agrees on the clearest smile."""
+    img, boxes, kps = t1_faces
+    c = EmotionClassifier(ClassifyConfig(), threads=1)
+    probs = c(c.crops(img, kps))
+    i = int(np.argmin(np.abs(boxes[:, 0] - 745)))
+    assert EMOTIONS[int(probs[i].argmax())] == "happy"
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert c.info["tta"] == bool(c.card.preprocess.get("tta", False))
