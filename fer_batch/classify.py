@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fer_batch.config import ClassifyConfig
-from fer_batch.device import ort_providers, resolve_device, session_provider
+from fer_batch.device import ort_providers, ort_session_options, resolve_device, session_provider
 from fer_batch.errors import ModelError
 from fer_batch.models import ModelCard, registry
 from fer_batch.preprocess import PreprocessSpec, align_crop, prepare
@@ -58,10 +58,7 @@ class EmotionClassifier:
         card = reg.resolve(self.cfg.model, "emotion_classification").verify()
         spec = PreprocessSpec.from_card(card)
         device = resolve_device(self.cfg.device)
-        so = ort.SessionOptions()
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-        so.log_severity_level = 3
+        so = ort_session_options(self.threads)
         try:
             sess = ort.InferenceSession(str(card.path), so, providers=ort_providers(device))
         except Exception as e:  # onnxruntime raises its own exception types for bad files

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fer_batch.config import DetectConfig
-from fer_batch.device import ort_providers, resolve_device, session_provider
+from fer_batch.device import ort_providers, ort_session_options, resolve_device, session_provider
 from fer_batch.errors import ModelError
 from fer_batch.models import ModelCard, registry, sha256_file
 from fer_batch.types import FaceDetections, Frame
@@ -122,17 +122,13 @@ class FaceDetector:
         """Load the models (idempotent). Raises ``ModelError`` for any unusable model."""
         if self._det is not None:
             return
-        import onnxruntime as ort
         from insightface.model_zoo import get_model
         from insightface.model_zoo.scrfd import SCRFD
 
         name, det_file, sha, rec_file = self._resolve()
         device = resolve_device(self.device)  # ConfigError if cuda is asked for and unusable
         providers = ort_providers(device)
-        so = ort.SessionOptions()
-        if self.threads > 0:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
+        so = ort_session_options(self.threads)
         try:
             det = get_model(str(det_file), providers=providers, sess_options=so)
         except Exception as e:  # onnxruntime raises its own exception types
