@@ -6,7 +6,6 @@ Parquet read back.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fer_batch.errors import DataError, ModelError
-from fer_batch.train.data import check_trainable, load_dataset, split_train_val
+from fer_batch.train.data import load_dataset, split_train_val
 from fer_batch.train.engine import TrainArgs, load_checkpoint, main
 from fer_batch.types import EMOTIONS
 

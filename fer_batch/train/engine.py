@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_batch.errors import ConfigError, DataError, ModelError
+from fer_batch.errors import ConfigError, ModelError
 from fer_batch.preprocess import PreprocessSpec, prepare
 from fer_batch.train.augment import AugmentConfig, mix, train_batch
 from fer_batch.train.data import ImageDataset, check_trainable, load_dataset, split_train_val
