@@ -211,7 +211,9 @@ def test_model_fingerprint_follows_the_cards(tmp_path):
     assert fp1["detector"]["sha256"] and fp1["classifier"]["sha256"]
     assert run_fingerprint(fp1, cfg) == run_fingerprint(model_fingerprint(cfg), cfg)
     # a changed card (e.g. new weights after `models build`) changes the run fingerprint
-    card = next(p for p in models.glob("*.yaml") if "emotion_classification" in p.read_text())
+    from fer_batch.models import Registry
+
+    card = Registry.from_dir(models).default("emotion_classification").card_path  # the card a run uses
     card.write_text(card.read_text() + "\n# rebuilt\n")
     fp2 = model_fingerprint(cfg)
     assert fp2["classifier"]["card_sha256"] != fp1["classifier"]["card_sha256"]
