@@ -112,12 +112,12 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temp file, fsync, rename, fsync the directory."""
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a hidden temp file beside ``path``, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,6 +125,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write: {e}") from e
     _fsync_dir(path.parent)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _canonical(obj: Any) -> bytes:
@@ -807,17 +811,7 @@ class IncrementalDataset:
         if not final.parent.exists():
             final.parent.mkdir()
             _fsync_dir(self.root)  # the new partition's entry must survive a power loss too
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{final}: cannot write: {e}") from e
-        _fsync_dir(final.parent)
+        _atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd"))
         # The new rows have landed: now remove the source's older part(s).
         removed = 0
         prev = self.state.sources.get(sid)
