@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fer_batch.config import ClassifyConfig
-from fer_batch.device import ort_providers, ort_session_options, resolve_device, session_provider
+from fer_batch.device import checked_provider, ort_providers, ort_session_options, resolve_device
 from fer_batch.errors import ModelError
 from fer_batch.models import ModelCard, registry
 from fer_batch.preprocess import PreprocessSpec, align_crop, prepare
@@ -76,7 +76,7 @@ class EmotionClassifier:
         self._tta = spec.tta if self.cfg.tta is None else bool(self.cfg.tta)
         self._softmax = str(card.input.get("output", "probs")) == "logits"
         self._info = {"name": card.name, "file": str(card.path), "sha256": card.sha256,
-                      "provider": session_provider(sess), "tta": self._tta, "device": device}
+                      "provider": checked_provider(sess, self.cfg.device, device, "emotion classifier"), "tta": self._tta, "device": device}
         log.info("emotion model %s on %s (tta=%s)", card.name, self._info["provider"], self._tta)
 
     def crops(self, image_bgr: np.ndarray, kps: np.ndarray) -> np.ndarray:

@@ -22,14 +22,12 @@ from typing import Any
 import numpy as np
 
 from fer_batch.config import DetectConfig
-from fer_batch.device import ort_providers, ort_session_options, resolve_device, session_provider
+from fer_batch.device import checked_provider, ort_providers, ort_session_options, resolve_device
 from fer_batch.errors import ModelError
 from fer_batch.models import ModelCard, registry, sha256_file
 from fer_batch.types import FaceDetections, Frame
 
 log = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
 
 
 def _onnx_signature(path: Path) -> tuple[list[list[Any]], int]:
@@ -137,13 +135,7 @@ class FaceDetector:
             raise ModelError(f"{det_file}: InsightFace did not route it as a detector (got {type(det).__name__})")
         if not det.use_kps:
             raise ModelError(f"{det_file}: detector has no 5-point landmark outputs (needed for alignment)")
-        used = session_provider(det.session)
-        if device.startswith("cuda") and used != CUDA:
-            # onnxruntime falls back to CPU with only a logged error when CUDA cannot load
-            if (self.device or "auto").strip().lower() == "auto":
-                log.warning("onnxruntime could not start CUDA; the detector runs on %s", used)
-            else:
-                raise ModelError(f"device {self.device!r}: onnxruntime could not start CUDA (runs on {used})")
+        used = checked_provider(det.session, self.device, device, "detector")
         det.prepare(0, det_thresh=self.cfg.det_thresh, nms_thresh=self.cfg.nms_thresh, input_size=self.cfg.det_size)
         rec = None
         if rec_file is not None:

@@ -69,6 +69,23 @@ def ort_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+def checked_provider(session, requested: str, device: str, what: str) -> str:
+    """The provider ``session`` runs on; a CUDA request that fell back to CPU is caught here.
+
+    onnxruntime falls back to CPU with only a logged error when CUDA cannot load: with
+    ``--device auto`` that is a warning, with an explicit ``cuda[:N]`` a ModelError.
+    """
+    from fer_batch.errors import ModelError
+
+    used = session_provider(session)
+    if device.startswith("cuda") and used != "CUDAExecutionProvider":
+        if (requested or "auto").strip().lower() == "auto":
+            log.warning("onnxruntime could not start CUDA; the %s runs on %s", what, used)
+        else:
+            raise ModelError(f"device {requested!r}: onnxruntime could not start CUDA for the {what} (runs on {used})")
+    return used
+
+
 def session_provider(session) -> str:
     """The provider an ORT session actually runs on first (its preferred one)."""
     provs = session.get_providers()

@@ -8,6 +8,7 @@ without touching this code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class Stages:
         c = self.cfg
         self.detector = FaceDetector(c.detect, device=self.device, threads=c.threads, models_dir=c.models_dir)
         self.detector.setup()
-        cls_cfg = c.classify if c.classify.device == self.device else _with_device(c, self.device)
+        # The device was resolved once for the run; both stages get the same one.
+        cls_cfg = dataclasses.replace(c.classify, device=self.device)
         self.classifier = EmotionClassifier(cls_cfg, threads=c.threads, models_dir=c.models_dir)
         self.classifier.setup()
         self._ready = True
@@ -73,11 +75,6 @@ class Stages:
     def models_info(self) -> dict[str, Any]:
         return {"detector": self.detector.info, "classifier": self.classifier.info}
 
-
-def _with_device(cfg: RunConfig, device: str):
-    import dataclasses
-
-    return dataclasses.replace(cfg.classify, device=device)
 
 
 @dataclass
