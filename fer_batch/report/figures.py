@@ -195,18 +195,25 @@ class SourceFigures:
             "source_id": self.source_id,
             "path": self.path,
             "status": self.status,
-            "duration_s": _round(self.duration_s),
-            "faces": self.faces,
-            "rows": self.rows,
-            "face_time_s": _round(self.face_time_s),
-            "dominant": self.dominant,
-            **_shares_out(self.valence, self.shares, self.rows),
-            "changes_per_min": _round(self.changes_per_min),
+            **_common_figures(self),
             "key_moments": len(self.moments),
             "negative_moments": len(neg),
             "top_negative": f"{top.emotion} {top.value:.2f} @{top.time_s:.1f}s" if top else None,
             "error": self.error,
         }
+
+
+def _common_figures(f) -> dict[str, Any]:
+    """The figures a source row and the session summary share (same names, same rounding)."""
+    return {
+        "duration_s": _round(f.duration_s),
+        "faces": f.faces,
+        "rows": f.rows,
+        "face_time_s": _round(f.face_time_s),
+        "dominant": f.dominant,
+        **_shares_out(f.valence, f.shares, f.rows),
+        "changes_per_min": _round(f.changes_per_min),
+    }
 
 
 @dataclass
@@ -232,13 +239,7 @@ class SessionFigures:
         return {
             "sources": len(self.sources),
             **{f"sources_{k}": v for k, v in self.status_counts.items()},
-            "duration_s": _round(self.duration_s),
-            "faces": self.faces,
-            "rows": self.rows,
-            "face_time_s": _round(self.face_time_s),
-            "dominant": self.dominant,
-            **_shares_out(self.valence, self.shares, self.rows),
-            "changes_per_min": _round(self.changes_per_min),
+            **_common_figures(self),
             "key_moments": sum(len(s.moments) for s in self.sources),
             "smoothed": self.smoothed,
         }
