@@ -137,6 +137,8 @@ def run(
         check_writable(out_s)
     device = resolve_device(cfg.classify.device)
     sources, not_processed = discover(list(inputs), cfg.sampling)
+    if hook is not None:
+        hook("run_start", {"sources": len(sources)})
     rows: list[dict] = list(not_processed)
     kept: list[pa.Table] = []
 

@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 class ProgressHook:
     """A rich progress bar (sources and frames of the current source) driven by pipeline hooks."""
 
-    def __init__(self, progress: Progress, n_sources: int):
+    def __init__(self, progress: Progress, n_sources: int | None = None):
         self.p = progress
         self.sources = progress.add_task("sources", total=n_sources)
         self.frames = progress.add_task("frames", total=None)
 
     def __call__(self, step: str, payload: dict) -> None:
-        if step == "source_start":
+        if step == "run_start":
+            self.p.update(self.sources, total=payload["sources"])
+        elif step == "source_start":
             src = payload["source"]
             self.p.reset(self.frames, total=None, description=f"frames  {Path(src.path).name[:40]}")
         elif step == "source_open":
@@ -91,7 +93,6 @@ def process(
 ) -> None:
     """Process videos and image folders into per-face emotion time series (Parquet)."""
     from fer_batch.api import config_from_options, run
-    from fer_batch.io import discover
 
     err = Console(stderr=True)
     try:
@@ -108,13 +109,12 @@ def process(
             raise typer.Exit(run_incremental_cli(
                 inputs, out, cfg, quiet=quiet, wait_lock=wait_lock, retry_failed=retry_failed, err=err
             ))
-        n = len(discover(list(inputs), cfg.sampling)[0])
         if quiet:
             result = run(inputs, out=out, cfg=cfg)
         else:
             cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             with Progress(*cols, console=err, transient=True) as p:
-                result = run(inputs, out=out, cfg=cfg, hook=ProgressHook(p, n))
+                result = run(inputs, out=out, cfg=cfg, hook=ProgressHook(p))
     except (ConfigError, OutputError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
