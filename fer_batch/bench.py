@@ -42,19 +42,21 @@ class BenchResult:
 
 
 def _run_child(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run a child python; return (wall seconds, peak RSS MB, stdout)."""
+    """Run a child python; return (wall seconds, peak RSS MB, stdout).
+
+    ``os.wait4`` gives this child's own rusage (peak RSS), unlike RUSAGE_CHILDREN; stderr goes
+    to a temporary file so a chatty child cannot block on a full pipe.
+    """
     t0 = time.perf_counter()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    out_chunks = []
-    # wait4 gives this child's own rusage (peak RSS), unlike RUSAGE_CHILDREN.
-    stdout = p.stdout.read()
-    stderr = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    out_chunks.append(stdout)
-    if p.returncode not in (0,):
-        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {stderr[-2000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        stdout = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {err.read()[-2000:]}")
     return wall, ru.ru_maxrss / 1024.0, stdout
 
 
