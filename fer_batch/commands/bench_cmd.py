@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,7 +34,7 @@ def bench(
             f"{r.ratio_to_decode:.2f}", f"{r.sampled_fps:.1f}", f"{r.faces_per_s:.1f}", f"{r.faces_per_frame:.2f}",
             str(r.faces_first_frame), f"{r.peak_rss_mb_full:.0f}",
         )
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
 
