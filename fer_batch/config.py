@@ -147,7 +147,9 @@ class RunConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     runner: str = "local"  # local | ray
-    threads: int = 0  # intra-op threads for model sessions (0 = library default)
+    # CPU threads per worker: model sessions' intra-op pools, the video decoder and OpenCV
+    # (0 = each library's default, about one per core)
+    threads: int = 0
     prefetch: int = 3  # frames decoded ahead in a background thread (0 or 1: one ahead)
     models_dir: str | None = None
 

@@ -48,6 +48,12 @@ class Stages:
         from fer_batch.detect import FaceDetector
 
         c = self.cfg
+        if c.threads > 0:
+            # OpenCV's pool (resize/warp in detection and alignment) is process-wide; keep it
+            # inside the thread budget like the model sessions and the decoder.
+            import cv2
+
+            cv2.setNumThreads(c.threads)
         self.detector = FaceDetector(c.detect, device=self.device, threads=c.threads, models_dir=c.models_dir)
         self.detector.setup()
         # The device was resolved once for the run; both stages get the same one.
@@ -224,7 +230,7 @@ def process_source(
         "wall_s": 0.0,
     }
     hook("source_start", {"source": source, "segment": segment})
-    reader = MediaReader(source, cfg.sampling, segment=segment)
+    reader = MediaReader(source, cfg.sampling, segment=segment, threads=cfg.threads)
     try:
         reader.open()
     except DecodeError as e:

@@ -164,6 +164,19 @@ def test_staging_location_is_next_to_output_or_under_staging_prefix(tmp_path):
     assert FACES_SCHEMA.names[0] == "source_id"
 
 
+def test_staging_probe_tells_a_worker_whether_it_sees_the_drivers_folder(tmp_path):
+    staging = str(tmp_path / "out" / ".report.parquet.staging-RUN")
+    rr.write_probe(staging, "token-1")
+    assert rr.staging_problem(staging, "token-1") is None
+    # a node that mounts something else at that path: another run's token, or nothing at all
+    assert "another run's token" in rr.staging_problem(staging, "token-2")
+    missing = str(tmp_path / "elsewhere" / ".report.parquet.staging-RUN")
+    problem = rr.staging_problem(missing, "token-1")
+    assert problem is not None and missing in problem
+    rr.remove_staging(staging)
+    assert not Path(staging).exists()
+
+
 # ----------------------------------------------------------------------------- real Ray
 
 # Options shared by every run below: 4 frames/s so a 6 s video split at 2 s gives 3 segments

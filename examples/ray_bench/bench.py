@@ -24,6 +24,7 @@ else a 30 s 960x540 video is generated from insightface's t1.jpg.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -88,6 +89,36 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def cpus_allowed(pid: int) -> str:
+    """The CPU affinity of a live process as /proc prints it (e.g. ``0`` or ``0-1``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+@contextlib.contextmanager
+def pinned(cores: set[int] | None):
+    """Processes started inside inherit this CPU affinity (None: leave it alone).
+
+    Ray's ``num_cpus`` is a scheduling label: it does not confine a node's processes. A
+    raylet started while the driver is pinned to one core inherits that affinity and passes it
+    on to every worker it forks, which makes the node a real one-core node.
+    """
+    if cores is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 def default_videos(tmp: Path) -> list[Path]:
     if SHARED_VIDEO.exists():
         return [SHARED_VIDEO]
@@ -98,8 +129,13 @@ def default_videos(tmp: Path) -> list[Path]:
     return [p]
 
 
-def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
-    """One run on a fresh cluster of ``n_nodes`` x 1 CPU with one worker per node."""
+def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path, pin: bool) -> dict:
+    """One run on a fresh cluster of ``n_nodes`` x 1 CPU with one worker per node.
+
+    ``pin``: node i's processes (raylet, its workers) are confined to core i, so "1 CPU" is
+    one physical core; without it each node's processes may use every core of the machine.
+    The driver itself is never pinned.
+    """
     import ray
     from ray.cluster_utils import Cluster
 
@@ -108,11 +144,14 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
     rtmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths are limited
     os.makedirs(os.path.join(rtmp, "ray"))
     os.environ["RAY_TMPDIR"] = rtmp  # Cluster writes its address file there, not in /tmp/ray
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": rtmp, "include_dashboard": False})
-    for _ in range(n_nodes - 1):
-        cluster.add_node(num_cpus=1, temp_dir=rtmp)
+    ncpu = len(os.sched_getaffinity(0))
+    with pinned({0} if pin else None):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": rtmp, "include_dashboard": False})
+    for i in range(1, n_nodes):
+        with pinned({i % ncpu} if pin else None):
+            cluster.add_node(num_cpus=1, temp_dir=rtmp)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    ev: dict = {"ready": [], "units": [], "hwm": {}, "cpu0": {}, "cpu": {}, "all_cpu": 0.0}
+    ev: dict = {"ready": [], "units": [], "hwm": {}, "cpu0": {}, "cpu": {}, "all_cpu": 0.0, "affinity": {}}
     me = os.getpid()
     cpu_before = {p: cpu_seconds(p) for p in descendants(me)}
 
@@ -123,6 +162,7 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
             ev["ready"].append(now)
             ev["hwm"][pid] = vm_hwm_mb(pid)
             ev["cpu0"][pid] = cpu_seconds(pid)  # after loading the models
+            ev["affinity"][pid] = cpus_allowed(pid)
         elif step == "unit_done":
             ev["units"].append((now, payload["node_id"], pid))
             ev["hwm"][pid] = max(ev["hwm"].get(pid, 0.0), vm_hwm_mb(pid))
@@ -146,7 +186,8 @@ def scaling_run(videos: list[Path], n_nodes: int, args, tmp: Path) -> dict:
     steady = max(u[0] for u in ev["units"]) - min(ev["ready"])
     worker_cpu = sum(ev["cpu"][p] - ev["cpu0"].get(p, 0.0) for p in ev["cpu"])
     return {
-        "nodes": n_nodes, "workers": n_nodes, "units": len(ev["units"]),
+        "nodes": n_nodes, "workers": n_nodes, "pinned": pin, "worker_cpus_allowed": sorted(ev["affinity"].values()),
+        "units": len(ev["units"]),
         "nodes_used": len({u[1] for u in ev["units"]}), "frames": frames, "faces": faces,
         "wall_s": round(wall, 2), "fps_wall": round(frames / wall, 3),
         "steady_s": round(steady, 2), "fps_steady": round(frames / steady, 3),
@@ -204,6 +245,8 @@ def main() -> None:
     ap.add_argument("--small-seconds", type=float, default=4.0, help="length of the small job's video")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--pin", choices=("pinned", "unpinned", "both"), default="both",
+                    help="confine node i to core i (a real 1-core node), leave nodes free, or measure both")
     ap.add_argument("--child", choices=("local", "ray"), help=argparse.SUPPRESS)
     ap.add_argument("--child-video", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -223,12 +266,14 @@ def main() -> None:
         "videos": [str(v) for v in videos], "fps": args.fps, "segment_seconds": args.segment_seconds,
     }  # fmt: skip
     if not args.skip_scaling:
-        one = scaling_run(videos, 1, args, tmp)
-        two = scaling_run(videos, 2, args, tmp)
-        results["scaling"] = {"one_node": one, "two_nodes": two,
-                              "ratio_wall": round(two["fps_wall"] / one["fps_wall"], 3),
-                              "ratio_steady": round(two["fps_steady"] / one["fps_steady"], 3)}  # fmt: skip
-        print(json.dumps(results["scaling"], indent=1), flush=True)
+        modes = {"pinned": True, "unpinned": False} if args.pin == "both" else {args.pin: args.pin == "pinned"}
+        for name, pin in modes.items():
+            one = scaling_run(videos, 1, args, tmp, pin)
+            two = scaling_run(videos, 2, args, tmp, pin)
+            results[f"scaling_{name}"] = {"one_node": one, "two_nodes": two,
+                                          "ratio_wall": round(two["fps_wall"] / one["fps_wall"], 3),
+                                          "ratio_steady": round(two["fps_steady"] / one["fps_steady"], 3)}  # fmt: skip
+            print(name, json.dumps(results[f"scaling_{name}"], indent=1), flush=True)
     small = tmp / "small.mp4"
     synth.make_sample_video(small, seconds=args.small_seconds, fps=25, size=(640, 360))
     results["overhead"] = overhead(small, tmp)

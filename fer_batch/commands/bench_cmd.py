@@ -16,7 +16,7 @@ def bench(
     videos: List[Path] = typer.Argument(..., help="Video files to measure."),
     fps: float = typer.Option(2.0, help="Sampling rate of the measured runs."),
     short: float = typer.Option(5.0, help="Seconds of the short run subtracted to remove start-up."),
-    threads: int = typer.Option(0, help="Threads per model session (0 = default)."),
+    threads: int = typer.Option(0, help="CPU threads for model sessions, video decoding and OpenCV (0 = library defaults)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results as JSON here."),
 ) -> None:
     """Real-time factor, sampled frames/s, faces/s and peak RSS next to decode-only throughput."""

@@ -80,7 +80,7 @@ def process(
     cpus_per_worker: float = typer.Option(1.0, help="CPUs per Ray worker."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray worker (fractions share a GPU)."),
     segment_seconds: float = typer.Option(300.0, help="Ray: split videos longer than this into segments."),
-    threads: int = typer.Option(0, help="Threads per model session (0 = library default)."),
+    threads: int = typer.Option(0, help="CPU threads for model sessions, video decoding and OpenCV (0 = library defaults)."),
     models_dir: Optional[str] = typer.Option(None, envvar="FER_BATCH_MODELS_DIR", help="Model pack directory with cards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (for schedulers)."),
     incremental: bool = typer.Option(

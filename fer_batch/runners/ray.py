@@ -259,6 +259,43 @@ def read_part(path: str) -> pa.Table:
         raise OutputError(f"{path}: cannot read staged part: {e}") from e
 
 
+PROBE_NAME = "_probe"
+
+
+def write_probe(staging: str, token: str) -> None:
+    """Create the staging folder with a file only this run's workers should find in it."""
+    from fer_batch.output import resolve_fs
+
+    fs, p, local = resolve_fs(staging)
+    try:
+        if local:  # object stores have no folders: the key is enough
+            fs.create_dir(p, recursive=True)
+        with fs.open_output_stream(f"{p}/{PROBE_NAME}") as f:
+            f.write(token.encode())
+    except (OSError, pa.ArrowException) as e:
+        raise OutputError(f"{staging}: cannot create the staging folder: {e}") from e
+
+
+def staging_problem(staging: str, token: str) -> str | None:
+    """Why this process cannot use the driver's staging folder (None: it can).
+
+    On a cluster, a worker on another node sees a local ``--out`` path only if that path is on
+    storage every node mounts at the same place; without this check its parts would land on
+    its own disk and the driver would fail (or, worse, find a stale file) at merge time.
+    """
+    from fer_batch.output import resolve_fs
+
+    try:
+        fs, p, _ = resolve_fs(staging)
+        with fs.open_input_stream(f"{p}/{PROBE_NAME}") as f:
+            got = f.read().decode(errors="replace")
+    except (OSError, pa.ArrowException) as e:
+        return f"cannot read {_join(staging, PROBE_NAME)}: {_short(e)}"
+    if got != token:
+        return f"{_join(staging, PROBE_NAME)} holds another run's token (a different folder with the same path?)"
+    return None
+
+
 def remove_staging(staging: str) -> None:
     from fer_batch.output import resolve_fs
 
@@ -573,7 +610,7 @@ def merge_source(source: MediaSource, metas: list[dict], cfg: RunConfig, sink: _
 class FerWorker:
     """A Ray actor: loads the models once, then runs units and writes their parts."""
 
-    def __init__(self, cfg: RunConfig, staging: str, gpus: float):
+    def __init__(self, cfg: RunConfig, staging: str, gpus: float, probe: str | None = None):
         import ray
 
         from fer_batch.device import resolve_device
@@ -585,10 +622,13 @@ class FerWorker:
         self.stages = Stages(self.cfg, self.device).setup()
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
         self.pid = os.getpid()
+        self.staging_problem = staging_problem(staging, probe) if probe is not None else None
 
     def ready(self) -> dict:
-        return {"node_id": self.node_id, "pid": self.pid, "device": self.device, "models": self.stages.models_info()}
+        return {"node_id": self.node_id, "node_ip": self.node_ip, "pid": self.pid, "device": self.device,
+                "models": self.stages.models_info(), "staging_problem": self.staging_problem}  # fmt: skip
 
     def run(self, unit: WorkUnit) -> dict:
         eps = _time_eps()
@@ -785,8 +825,10 @@ def run_ray(
     rows: list[dict] = list(not_processed_rows)
     with ray_session(cfg) as session:
         staging, _ = staging_location(out, run_id)
+        probe = secrets.token_hex(16)
         try:
-            faces, models = _drive(sources, rows, out, cfg, staging, hook, session)
+            write_probe(staging, probe)
+            faces, models = _drive(sources, rows, out, cfg, staging, hook, session, probe)
         finally:
             remove_staging(staging)
     return ProcessResult(
@@ -804,7 +846,7 @@ class _ActorSlot:
     info: dict = field(default_factory=dict)
 
 
-def _drive(sources, rows, out, cfg, staging, hook, session):
+def _drive(sources, rows, out, cfg, staging, hook, session, probe=None):
     import ray
     from ray.exceptions import RayActorError, RayError, RayTaskError
 
@@ -821,7 +863,7 @@ def _drive(sources, rows, out, cfg, staging, hook, session):
     )
 
     def new_slot() -> _ActorSlot:
-        h = remote_cls.remote(cfg, staging, cfg.ray.gpus_per_worker)
+        h = remote_cls.remote(cfg, staging, cfg.ray.gpus_per_worker, probe)
         return _ActorSlot(h, ready_ref=h.ready.remote())
 
     slots = [new_slot() for _ in range(n_workers)]
@@ -909,6 +951,13 @@ def _drive(sources, rows, out, cfg, staging, hook, session):
                     elif not slots:
                         raise FerBatchError(f"Ray runner: workers cannot start: {_short(e)}") from e
                     continue
+                if slot.info.get("staging_problem"):
+                    where = f"--out {out}" if out else "the driver's temporary folder (no --out)"
+                    raise ConfigError(
+                        f"Ray worker on node {slot.info.get('node_ip')} cannot reach the staging folder {staging} "
+                        f"({where}): {slot.info['staging_problem']}. On a multi-node cluster --out must be on storage "
+                        "every node mounts at the same path, or an object-store URI such as s3://bucket/report.parquet"
+                    )
                 slot.ready = True
                 hook("worker_ready", dict(slot.info))
                 if sink is None:
