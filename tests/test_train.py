@@ -131,6 +131,42 @@ def test_export_parity_and_classifier(folder, tmp_path, face_crops):
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
 
 
+def test_ensemble_export_averages_members_in_one_onnx(folder, tmp_path, face_crops):
+    import onnxruntime as ort
+    import yaml
+
+    from fer_batch.preprocess import PreprocessSpec, prepare
+    from fer_batch.train.engine import model_from_checkpoint
+    from fer_batch.train.export import export
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(_args(folder, a, epochs=1, seed=1))
+    main(_args(folder, b, epochs=1, seed=2, arch=dict(TINY_ARCH, dropout=0.1)))
+    mdir = tmp_path / "models"
+    shutil.copytree(REPO / "models", mdir)
+    gray, _ = face_crops
+    card_path = export([str(a / "best.pt"), str(b / "best.pt")], "tiny_pair", mdir, sample=gray[..., None])
+    card = yaml.safe_load(card_path.read_text())
+    members = card["provenance"]["members"]
+    assert len(members) == 2 and members[0]["checkpoint_sha256"] != members[1]["checkpoint_sha256"]
+    assert len(card["recipe"].split(" && ")) == 2 and "fer-batch export" in card["recipe"]
+    # the ONNX output is the mean of the two members' probabilities
+    spec = PreprocessSpec.from_dict(card["preprocess"])
+    x = prepare(gray[..., None], spec)
+    got = ort.InferenceSession(str(mdir / card["file"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    want = []
+    for run in (a, b):
+        m, _, _ = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+        with torch.no_grad():
+            want.append(m(torch.from_numpy(x)).softmax(1).numpy())
+    np.testing.assert_allclose(got, (want[0] + want[1]) / 2, atol=1e-5)
+    # members with different preprocessing cannot be averaged
+    c = tmp_path / "c"
+    main(_args(folder, c, epochs=1, preprocess=dict(PRE, crop=44)))
+    with pytest.raises(ModelError, match="cannot join an ensemble"):
+        export([str(a / "best.pt"), str(c / "best.pt")], "tiny_bad", mdir)
+
+
 def test_csv_and_parquet_datasets(tmp_path, face_crops):
     import pandas as pd
 

@@ -149,7 +149,7 @@ def evaluate(
 
 
 def export(
-    ckpt: str = typer.Argument(..., help="A training checkpoint (best.pt / last.pt), read weights-only."),
+    ckpt: list[str] = typer.Argument(..., help="A training checkpoint (best.pt / last.pt), read weights-only; several: one ensemble (mean probabilities) in one ONNX file."),
     name: str = typer.Option(..., "--name", help="Model name: writes MODELS_DIR/NAME.yaml and MODELS_DIR/NAME/emotion_NAME.onnx."),
     models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR", help="Registry directory (default: the pack)."),
     fp16: bool = typer.Option(False, "--fp16", help="fp16 weights inside the graph (for GPUs; fp32 input/output)."),
@@ -161,7 +161,7 @@ def export(
     description: str = typer.Option("", "--description"),
     threads: int = typer.Option(2, "--threads", help="Threads for the faces/s measurement."),
 ) -> None:
-    """Export a checkpoint to ONNX (dynamic batch) with a PyTorch parity check, and write its model card."""
+    """Export a checkpoint (or an ensemble of several) to ONNX (dynamic batch) with a PyTorch parity check, and write its model card."""
     _passive_omp()
     import yaml
 

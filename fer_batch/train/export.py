@@ -39,6 +39,45 @@ class _Probs(nn.Module):
         return self.net(x).softmax(1)
 
 
+class Ensemble(nn.Module):
+    """Members that share one preprocessing and label order; outputs the mean of their softmax.
+
+    Exported as one ONNX graph, so the pipeline runs it like any single model. ``forward``
+    returns log-probabilities so that ``.softmax(1)`` (what the export and parity wrap every
+    model with) gives back exactly the averaged probabilities.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        p = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return torch.log(p.clamp_min(1e-12))
+
+
+def load_members(ckpts: list[str]) -> tuple[nn.Module, PreprocessSpec, list[str], list[dict[str, Any]]]:
+    """One checkpoint, or several as an ``Ensemble``; ModelError when they do not fit together."""
+    if not ckpts:
+        raise ModelError("export: no checkpoint given")
+    models, cks = [], []
+    spec0 = labels0 = None
+    for c in ckpts:
+        ck = load_checkpoint(c)
+        model, spec, labels = model_from_checkpoint(ck)
+        if spec0 is None:
+            spec0, labels0 = spec, labels
+        elif spec.to_dict() != spec0.to_dict() or labels != labels0:
+            raise ModelError(
+                f"{c}: cannot join an ensemble with {ckpts[0]}: preprocessing {spec.to_dict()} / labels {labels} differ "
+                f"from {spec0.to_dict()} / {labels0}"
+            )
+        models.append(model)
+        cks.append(ck)
+    model = models[0] if len(models) == 1 else Ensemble(models).eval()
+    return model, spec0, labels0, cks
+
+
 def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, fp16: bool = False, opset: int = 17) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(memory_format=torch.contiguous_format)
@@ -82,11 +121,15 @@ def faces_per_second(path: Path, spec: PreprocessSpec, batch: int = 64, threads:
     return n / (time.perf_counter() - t0)
 
 
-def export(ckpt: str, name: str, models_dir: Path, fp16: bool = False, tta: bool = False, template_from: str | None = "mini_xception_fer",
+def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = False, tta: bool = False, template_from: str | None = "mini_xception_fer",
            default: bool = False, metrics: dict[str, Any] | None = None, description: str = "", sample: np.ndarray | None = None) -> Path:
-    """Write ``models_dir/NAME/emotion_NAME.onnx`` and ``models_dir/NAME.yaml``; return the card path."""
-    ck = load_checkpoint(ckpt)
-    model, spec, labels = model_from_checkpoint(ck)
+    """Write ``models_dir/NAME/emotion_NAME.onnx`` and ``models_dir/NAME.yaml``; return the card path.
+
+    ``ckpt``: one checkpoint, or a list of them exported as one ensemble (mean probabilities).
+    """
+    ckpts = [ckpt] if isinstance(ckpt, (str, Path)) else [str(c) for c in ckpt]
+    model, spec, labels, cks = load_members(ckpts)
+    ck = cks[0]
     args = TrainArgs.from_dict(json.loads(ck["args"]))
     onnx_path = models_dir / name / f"emotion_{name}{'_fp16' if fp16 else ''}.onnx"
     export_onnx(model, spec, onnx_path, fp16)
@@ -102,7 +145,6 @@ def export(ckpt: str, name: str, models_dir: Path, fp16: bool = False, tta: bool
         src = PreprocessSpec.from_card(Registry.from_dir(models_dir).get(template_from))
         if src.template is not None:
             pre["align_template"] = {"size": int(src.template_size or src.size), "points": [[round(float(v), 3) for v in pt] for pt in src.template]}
-    hist = json.loads(ck.get("history", "[]"))
     n_params = sum(p.numel() for p in model.parameters())
     card = {
         "name": name,
@@ -111,28 +153,60 @@ def export(ckpt: str, name: str, models_dir: Path, fp16: bool = False, tta: bool
         "file": f"{name}/{onnx_path.name}",
         "sha256": sha256_file(onnx_path),
         "default": bool(default),
-        "description": description or f"{args.arch.get('name')} {args.arch} ({n_params:,} parameters) trained with fer-batch train.",
+        "description": description or _default_description(cks, n_params),
         "input": {"layout": "NCHW", "size": spec.input_size, "colour": spec.colour, "dtype": "float32",
                   "range": "(pixel / 255 - mean) / std", "name": "input", "output": "probs"},
         "labels": list(labels),
         "preprocess": pre,
-        "licence": "MIT",
+        "licence": "MIT (fer-batch's part); trained on FER2013, research-use data: see provenance.data_note",
         "provenance": {
             "trained_by": "fer-batch train (this project)",
             "data": args.data,
-            "data_note": "FER2013 (ICML 2013 challenge; research use): weights are MIT as far as this project is concerned, the data's own terms apply to the training set",
-            "checkpoint_sha256": sha256_file(Path(ckpt)),
-            "epochs_run": len(hist),
-            "best_epoch": int(ck.get("best_epoch", -1)) + 1,
-            "val_macro_f1": float(ck.get("best_f1", float("nan"))),
-            "train_seconds": round(float(ck.get("spent_s", 0.0))),
+            "data_note": ("FER2013 (ICML 2013 challenge) is distributed for research use and these weights are derived "
+                          "from it. fer-batch's own part is MIT, but the dataset's terms may limit what a derived model "
+                          "may be used for (e.g. commercially): review them before deploying."),
+            **_member_provenance(ckpts, cks),
             "parity_max_abs_diff": float(f"{diff:.3g}"),
             "fp16": bool(fp16),
             "build": {"torch": str(torch.__version__), "python": platform.python_version(), "machine": platform.processor() or platform.machine()},
         },
-        "recipe": args.command or "(checkpoint has no recorded command)",
+        "recipe": _recipe(cks),
         "metrics": metrics or {},
     }
     card_path = models_dir / f"{name}.yaml"
     card_path.write_text(yaml.safe_dump(card, sort_keys=False, width=110))
     return card_path
+
+
+def _member_facts(path: str, ck: dict[str, Any]) -> dict[str, Any]:
+    hist = json.loads(ck.get("history", "[]"))
+    return {
+        "checkpoint_sha256": sha256_file(Path(path)),
+        "epochs_run": len(hist),
+        "best_epoch": int(ck.get("best_epoch", -1)) + 1,
+        "val_macro_f1": float(ck.get("best_f1", float("nan"))),
+        "train_seconds": round(float(ck.get("spent_s", 0.0))),
+    }
+
+
+def _member_provenance(paths: list[str], cks: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(cks) == 1:
+        return _member_facts(paths[0], cks[0])
+    members = []
+    for p, ck in zip(paths, cks):
+        a = TrainArgs.from_dict(json.loads(ck["args"]))
+        members.append({"arch": a.arch, **_member_facts(p, ck), "recipe": a.command or "(no recorded command)"})
+    return {"ensemble": "mean of the members' softmax probabilities", "members": members,
+            "train_seconds": sum(m["train_seconds"] for m in members)}
+
+
+def _recipe(cks: list[dict[str, Any]]) -> str:
+    cmds = [TrainArgs.from_dict(json.loads(ck["args"])).command or "(checkpoint has no recorded command)" for ck in cks]
+    return cmds[0] if len(cmds) == 1 else " && ".join(cmds) + "  # then: fer-batch export RUN1/best.pt RUN2/best.pt ..."
+
+
+def _default_description(cks: list[dict[str, Any]], n_params: int) -> str:
+    archs = [TrainArgs.from_dict(json.loads(ck["args"])).arch for ck in cks]
+    if len(archs) == 1:
+        return f"{archs[0].get('name')} {archs[0]} ({n_params:,} parameters) trained with fer-batch train."
+    return f"Ensemble of {len(archs)} ({', '.join(str(a) for a in archs)}; {n_params:,} parameters in all), trained with fer-batch train."
