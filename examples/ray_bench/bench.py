@@ -4,7 +4,9 @@ Three measurements, all with the real pipeline (decode, detect, track, classify,
 
 1. Scaling on CPU-bound work: the same inputs on a Ray cluster of 1 node x 1 CPU (one worker)
    and of 2 nodes x 1 CPU (two workers), both made with ``ray.cluster_utils.Cluster`` on this
-   machine. Throughput = sampled frames per wall second of ``fer_batch.api.run``; the
+   machine, each node either confined to one core (``--pin pinned``: the node's raylet and
+   workers inherit a one-core CPU affinity, like a 1-CPU VM or pod) or free to use every core
+   (``--pin unpinned``: Ray's ``num_cpus`` is only a scheduling label). Throughput = sampled frames per wall second of ``fer_batch.api.run``; the
    steady-state figure excludes the workers' start-up (from the first worker ready to the
    last unit done).
 2. Start-up overhead on a small job: ``fer-batch process`` with ``--runner local`` and with
