@@ -160,6 +160,17 @@ def test_ensemble_export_averages_members_in_one_onnx(folder, tmp_path, face_cro
         with torch.no_grad():
             want.append(m(torch.from_numpy(x)).softmax(1).numpy())
     np.testing.assert_allclose(got, (want[0] + want[1]) / 2, atol=1e-5)
+    # the same ensemble with its weights stored as float16: half the file, same graph outputs within 2e-3
+    small = yaml.safe_load(export([str(a / "best.pt"), str(b / "best.pt")], "tiny_pair16", mdir, store_fp16=True,
+                                  sample=gray[..., None]).read_text())
+    assert small["provenance"]["weights_storage"].startswith("float16 (cast")
+    assert (mdir / small["file"]).stat().st_size < 0.8 * (mdir / card["file"]).stat().st_size  # graph overhead of a tiny net
+    import onnx
+
+    conv_w = [i for i in onnx.load(str(mdir / small["file"])).graph.initializer if len(i.dims) == 4]
+    assert conv_w and all(i.data_type == onnx.TensorProto.FLOAT16 for i in conv_w)
+    got16 = ort.InferenceSession(str(mdir / small["file"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got16, got, atol=2e-3)
     # members with different preprocessing cannot be averaged
     c = tmp_path / "c"
     main(_args(folder, c, epochs=1, preprocess=dict(PRE, crop=44)))

@@ -153,6 +153,7 @@ def export(
     name: str = typer.Option(..., "--name", help="Model name: writes MODELS_DIR/NAME.yaml and MODELS_DIR/NAME/emotion_NAME.onnx."),
     models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR", help="Registry directory (default: the pack)."),
     fp16: bool = typer.Option(False, "--fp16", help="fp16 weights inside the graph (for GPUs; fp32 input/output)."),
+    store_fp16: bool = typer.Option(False, "--store-fp16", help="Store the weights as fp16 (half the file), computed in fp32 as before; the parity check measures the rounding."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="The card's default for flip test-time augmentation (the pipeline follows it)."),
     test: str = typer.Option(None, "--test", help="Measure metrics on this DATA for the card (full, with and without TTA)."),
     train_data: str = typer.Option(None, "--train-data", help="With --test: also report metrics without test images duplicated in this DATA."),
@@ -171,7 +172,7 @@ def export(
 
     try:
         mdir = Path(models_dir) if models_dir else default_models_dir()
-        card_path = do_export(ckpt, name, mdir, fp16=fp16, tta=tta, default=False, description=description)
+        card_path = do_export(ckpt, name, mdir, fp16=fp16, tta=tta, store_fp16=store_fp16, default=False, description=description)
         if test:
             card_path = _measure_card(card_path, test, train_data, detect_metrics, threads)
         card = yaml.safe_load(card_path.read_text())
