@@ -161,16 +161,17 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
     """
     ckpts = [ckpt] if isinstance(ckpt, (str, Path)) else [str(c) for c in ckpt]
     model, spec, labels, cks = load_members(ckpts)
-    ck = cks[0]
-    args = TrainArgs.from_dict(json.loads(ck["args"]))
+    member_args = [TrainArgs.from_dict(json.loads(ck["args"])) for ck in cks]
+    args = member_args[0]
+    stored_half = store_fp16 and not fp16  # fp16 graphs already hold half weights
     onnx_path = models_dir / name / f"emotion_{name}{'_fp16' if fp16 else ''}.onnx"
     export_onnx(model, spec, onnx_path, fp16)
-    if store_fp16 and not fp16:
+    if stored_half:
         n = store_weights_fp16(onnx_path)
         log.info("%s: %d weight tensors stored as float16 (computed in float32)", onnx_path, n)
     if sample is None:
         sample = np.random.default_rng(0).integers(0, 256, (64, spec.size, spec.size, spec.channels), dtype=np.uint8)
-    diff = parity(model, onnx_path, prepare(sample, spec), fp16, tol=2e-3 if (store_fp16 and not fp16) else None)
+    diff = parity(model, onnx_path, prepare(sample, spec), fp16, tol=2e-3 if stored_half else None)
     log.info("ONNX parity: max |diff| %.2e over %d inputs", diff, len(sample))
     pre = spec.to_dict()
     pre["tta"] = bool(tta)
@@ -188,7 +189,7 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
         "file": f"{name}/{onnx_path.name}",
         "sha256": sha256_file(onnx_path),
         "default": bool(default),
-        "description": description or _default_description(cks, n_params),
+        "description": description or _default_description(member_args, n_params),
         "input": {"layout": "NCHW", "size": spec.input_size, "colour": spec.colour, "dtype": "float32",
                   "range": "(pixel / 255 - mean) / std", "name": "input", "output": "probs"},
         "labels": list(labels),
@@ -200,14 +201,14 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
             "data_note": ("FER2013 (ICML 2013 challenge) is distributed for research use and these weights are derived "
                           "from it. fer-batch's own part is MIT, but the dataset's terms may limit what a derived model "
                           "may be used for (e.g. commercially): review them before deploying."),
-            **_member_provenance(ckpts, cks),
+            **_member_provenance(ckpts, cks, member_args),
             "parity_max_abs_diff": float(f"{diff:.3g}"),
             "fp16": bool(fp16),
-            "weights_storage": "float16 (cast to float32 when loaded; computed in float32)" if (store_fp16 and not fp16)
+            "weights_storage": "float16 (cast to float32 when loaded; computed in float32)" if stored_half
             else ("float16 (computed in float16)" if fp16 else "float32"),
             "build": {"torch": str(torch.__version__), "python": platform.python_version(), "machine": platform.processor() or platform.machine()},
         },
-        "recipe": _recipe(cks),
+        "recipe": _recipe(member_args),
         "metrics": metrics or {},
     }
     card_path = models_dir / f"{name}.yaml"
@@ -226,24 +227,23 @@ def _member_facts(path: str, ck: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _member_provenance(paths: list[str], cks: list[dict[str, Any]]) -> dict[str, Any]:
+def _member_provenance(paths: list[str], cks: list[dict[str, Any]], member_args: list[TrainArgs]) -> dict[str, Any]:
     if len(cks) == 1:
         return _member_facts(paths[0], cks[0])
     members = []
-    for p, ck in zip(paths, cks):
-        a = TrainArgs.from_dict(json.loads(ck["args"]))
+    for p, ck, a in zip(paths, cks, member_args):
         members.append({"arch": a.arch, **_member_facts(p, ck), "recipe": a.command or "(no recorded command)"})
     return {"ensemble": "mean of the members' softmax probabilities", "members": members,
             "train_seconds": sum(m["train_seconds"] for m in members)}
 
 
-def _recipe(cks: list[dict[str, Any]]) -> str:
-    cmds = [TrainArgs.from_dict(json.loads(ck["args"])).command or "(checkpoint has no recorded command)" for ck in cks]
+def _recipe(member_args: list[TrainArgs]) -> str:
+    cmds = [a.command or "(checkpoint has no recorded command)" for a in member_args]
     return cmds[0] if len(cmds) == 1 else " && ".join(cmds) + "  # then: fer-batch export RUN1/best.pt RUN2/best.pt ..."
 
 
-def _default_description(cks: list[dict[str, Any]], n_params: int) -> str:
-    archs = [TrainArgs.from_dict(json.loads(ck["args"])).arch for ck in cks]
+def _default_description(member_args: list[TrainArgs], n_params: int) -> str:
+    archs = [a.arch for a in member_args]
     if len(archs) == 1:
         return f"{archs[0].get('name')} {archs[0]} ({n_params:,} parameters) trained with fer-batch train."
     return f"Ensemble of {len(archs)} ({', '.join(str(a) for a in archs)}; {n_params:,} parameters in all), trained with fer-batch train."
