@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fer_batch.config import SamplingConfig
+from fer_batch.schema import SourceRow
 from fer_batch.types import MediaSource
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,8 @@ def media_kind(path: str | Path) -> str:
 
 
 def row_for(path: str | Path, kind: str, status: str, error: str | None) -> dict[str, Any]:
-    """A SOURCES_SCHEMA row for an input that is not processed."""
-    return {
-        "source_id": source_id_for(path),
-        "path": str(path),
-        "kind": kind,
-        "status": status,
-        "error": error,
-        "duration_s": None,
-        "frames_sampled": 0,
-        "faces": 0,
-        "tracks": 0,
-        "wall_s": 0.0,
-    }
+    """A SOURCES_SCHEMA row (as a dict) for an input that is not processed."""
+    return SourceRow.not_processed(source_id_for(path), str(path), kind, status, error).to_dict()
 
 
 def discover(
