@@ -12,80 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fer_batch import __version__
-from fer_batch.config import (
-    ClassifyConfig,
-    DetectConfig,
-    RayConfig,
-    RunConfig,
-    SamplingConfig,
-    TrackConfig,
-)
+from fer_batch.config import OPTIONS, RunConfig, config_from_options
 from fer_batch.errors import ConfigError
 from fer_batch.pipeline import Hook, SourceResult, Stages
 from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, rows_to_table, tracks_table
 
 log = logging.getLogger(__name__)
-
-# API keyword -> (config section, field). The CLI uses the same names with dashes.
-OPTION_MAP: dict[str, tuple[str, str]] = {
-    "fps": ("sampling", "fps"),
-    "every": ("sampling", "every"),
-    "start": ("sampling", "start_s"),
-    "end": ("sampling", "end_s"),
-    "max_frames": ("sampling", "max_frames"),
-    "images_as": ("sampling", "images_as"),
-    "image_fps": ("sampling", "image_fps"),
-    "det_pack": ("detect", "pack"),
-    "det_size": ("detect", "det_size"),
-    "det_thresh": ("detect", "det_thresh"),
-    "min_face": ("detect", "min_face"),
-    "max_faces": ("detect", "max_faces"),
-    "lost_s": ("track", "lost_s"),
-    "reid": ("track", "reid"),
-    "model": ("classify", "model"),
-    "batch_size": ("classify", "batch_size"),
-    "device": ("classify", "device"),
-    "tta": ("classify", "tta"),
-    "smooth": ("classify", "smooth_s"),
-    "ray_address": ("ray", "address"),
-    "num_workers": ("ray", "num_workers"),
-    "cpus_per_worker": ("ray", "cpus_per_worker"),
-    "gpus_per_worker": ("ray", "gpus_per_worker"),
-    "segment_seconds": ("ray", "segment_s"),
-    "ray_dashboard": ("ray", "dashboard"),
-}
-TOP_LEVEL = ("runner", "threads", "models_dir")
-
-
-def config_from_options(**options: Any) -> RunConfig:
-    """Build a RunConfig from flat keyword options (``None`` values keep the defaults).
-
-    ``every`` given without ``fps`` switches sampling from fps to every-N-frames.
-    """
-    sections: dict[str, dict[str, Any]] = {"sampling": {}, "detect": {}, "track": {}, "classify": {}, "ray": {}}
-    top: dict[str, Any] = {}
-    for k, v in options.items():
-        if v is None:
-            continue
-        if k in OPTION_MAP:
-            sec, f = OPTION_MAP[k]
-            sections[sec][f] = v
-        elif k in TOP_LEVEL:
-            top[k] = v
-        else:
-            valid = sorted([*OPTION_MAP, *TOP_LEVEL])
-            raise ConfigError(f"unknown option {k!r}; valid options: {', '.join(valid)}")
-    if "every" in sections["sampling"] and "fps" not in sections["sampling"]:
-        sections["sampling"]["fps"] = None
-    return RunConfig(
-        sampling=SamplingConfig(**sections["sampling"]),
-        detect=DetectConfig(**sections["detect"]),
-        track=TrackConfig(**sections["track"]),
-        classify=ClassifyConfig(**sections["classify"]),
-        ray=RayConfig(**sections["ray"]),
-        **top,
-    )
-
 
 @dataclass
 class ProcessResult:

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fer_batch.errors import ConfigError
+
+# How to add an option: give the config field ``metadata=opt("cli_name")``. The Python API
+# (``config_from_options``) accepts it under that name, ``fer-batch process`` must declare a
+# parameter of the same name (``tests/test_options.py`` checks names and defaults), and it is
+# recorded in the outputs' metadata with the rest of the configuration.
+_OPTION = "option"
+
+
+REID_MODES = ("auto", "on", "off")
+RUNNERS = ("local", "ray")
+
+
+def opt(name: str) -> dict[str, str]:
+    """Field metadata exposing a config field as the user option ``name`` (``--name-with-dashes``)."""
+    return {_OPTION: name}
 
 
 def parse_det_size(value: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -36,13 +52,13 @@ class SamplingConfig:
     less often.
     """
 
-    fps: float | None = 2.0
-    every: int | None = None
-    start_s: float = 0.0
-    end_s: float | None = None
-    max_frames: int | None = None
-    images_as: str = "files"  # files: each image its own source; sequence: a folder is one video
-    image_fps: float = 1.0
+    fps: float | None = field(default=2.0, metadata=opt("fps"))
+    every: int | None = field(default=None, metadata=opt("every"))
+    start_s: float = field(default=0.0, metadata=opt("start"))
+    end_s: float | None = field(default=None, metadata=opt("end"))
+    max_frames: int | None = field(default=None, metadata=opt("max_frames"))
+    images_as: str = field(default="files", metadata=opt("images_as"))  # files: each image its own source; sequence: a folder is one video
+    image_fps: float = field(default=1.0, metadata=opt("image_fps"))
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
@@ -69,12 +85,12 @@ class DetectConfig:
     but costs time roughly in proportion to its area.
     """
 
-    pack: str | None = None  # None: the default pack; else a pack directory (e.g. buffalo_l)
-    det_size: tuple[int, int] = (640, 640)
-    det_thresh: float = 0.5
-    min_face: float = 16.0
+    pack: str | None = field(default=None, metadata=opt("det_pack"))  # None: the default pack; else a pack directory
+    det_size: tuple[int, int] = field(default=(640, 640), metadata=opt("det_size"))
+    det_thresh: float = field(default=0.5, metadata=opt("det_thresh"))
+    min_face: float = field(default=16.0, metadata=opt("min_face"))
     nms_thresh: float = 0.4
-    max_faces: int = 0  # 0 = no limit
+    max_faces: int = field(default=0, metadata=opt("max_faces"))  # 0 = no limit
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "det_size", parse_det_size(self.det_size))
@@ -82,11 +98,15 @@ class DetectConfig:
             raise ConfigError(f"--det-thresh must be in (0, 1), got {self.det_thresh}")
         if self.min_face < 0:
             raise ConfigError(f"--min-face must be >= 0, got {self.min_face}")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            raise ConfigError(f"detect nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        if self.max_faces < 0:
+            raise ConfigError(f"--max-faces must be >= 0 (0: no limit), got {self.max_faces}")
 
 
 @dataclass(frozen=True)
 class TrackConfig:
-    """Tracking (see :class:`fer_batch.track.FaceTracker`).
+    """Tracking (see :class:`fer_batch.track.FaceTracker`); every tuning value of the tracker.
 
     ``lost_s``: how long a track may go unseen and still take its face back by motion; longer
     bridges longer occlusions but lets another face that appears nearby inherit the id.
@@ -94,31 +114,83 @@ class TrackConfig:
     more (risk of id swaps), lower splits more. ``reid_thresh``: cosine similarity an
     embedding needs to re-identify an ended track; higher merges fewer different people but
     gives returning faces new ids more often.
+
+    Motion model, in units of the face size (sqrt of box area) so one setting fits small and
+    large faces: ``accel_std`` (face sizes / s^2): higher lets faces change speed or direction
+    faster between samples but widens the gate (more chance to grab a neighbour's face);
+    ``meas_std``: jitter of the detected centre; ``init_vel_std``: speed a new face may already
+    have; ``max_speed``: velocity estimates are clipped to this. ``gate_sigma``: a centre may
+    be at most this many standard deviations of its prediction away (3 keeps ~99% of true
+    matches; higher bridges longer or more erratic gaps, lower splits sooner), capped at
+    ``gate_max_sizes`` face sizes so a long-lost track cannot grab a face anywhere.
+    ``max_size_ratio``: a detection this many times larger or smaller is no match.
+    Cost weights ``w_motion + w_iou + w_size == 1`` (motion, overlap, size); ``w_emb``: share
+    of the cost taken by the embedding distance when embeddings are given; ``w_score``: doubtful
+    detections need a closer match (higher protects tracks from background false positives but
+    makes partly hidden faces re-join less often). ``last_seen_penalty`` (face sizes): extra
+    distance charged to "stayed where last seen" for a missed face (lower favours
+    stop-and-turn, higher constant motion). ``size_ema``: weight of a new observation in the
+    smoothed face size. ``max_gallery``: ended tracks kept for re-identification.
     """
 
-    lost_s: float = 3.0
+    lost_s: float = field(default=3.0, metadata=opt("lost_s"))
     match_thresh: float = 0.8
-    reid: str = "auto"  # auto: use the pack's recognition model if it has one; off; on
+    reid: str = field(default="auto", metadata=opt("reid"))  # auto: the pack's recognition model if it has one; off; on
     reid_thresh: float = 0.5
+    accel_std: float = 3.0
+    meas_std: float = 0.15
+    init_vel_std: float = 2.0
+    max_speed: float = 6.0
+    gate_sigma: float = 3.0
+    gate_max_sizes: float = 4.0
+    max_size_ratio: float = 2.0
+    w_motion: float = 0.5
+    w_iou: float = 0.3
+    w_size: float = 0.2
+    w_emb: float = 0.5
+    w_score: float = 0.4
+    last_seen_penalty: float = 1.0
+    size_ema: float = 0.5
+    max_gallery: int = 2000
 
     def __post_init__(self) -> None:
-        if self.reid not in ("auto", "on", "off"):
+        if self.reid not in REID_MODES:
             raise ConfigError(f"--reid: expected auto|on|off, got {self.reid!r}")
-        if not self.lost_s > 0:
-            raise ConfigError(f"--lost-s must be > 0, got {self.lost_s}")
+        if not (self.lost_s > 0 and math.isfinite(self.lost_s)):
+            raise ConfigError(f"--lost-s must be a positive number of seconds, got {self.lost_s}")
         if not 0.0 < self.match_thresh <= 1.0:
             raise ConfigError(f"track match_thresh must be in (0, 1], got {self.match_thresh}")
         if not -1.0 <= self.reid_thresh <= 1.0:
             raise ConfigError(f"--reid-thresh must be a cosine similarity in [-1, 1], got {self.reid_thresh}")
+        for name in ("accel_std", "meas_std", "init_vel_std", "max_speed", "gate_sigma", "gate_max_sizes"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"track {name} must be a positive number, got {v}")
+        if not self.max_size_ratio > 1.0:
+            raise ConfigError(f"track max_size_ratio must be > 1, got {self.max_size_ratio}")
+        weights = (self.w_motion, self.w_iou, self.w_size)
+        if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+            raise ConfigError(f"track w_motion + w_iou + w_size must be 1 with none negative, got {weights}")
+        for name in ("w_emb", "size_ema"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"track {name} must be in [0, 1], got {v}")
+        if self.size_ema == 0:
+            raise ConfigError("track size_ema must be > 0 (0 would never update the face size)")
+        if self.w_score < 0 or self.last_seen_penalty < 0 or self.max_gallery < 0:
+            raise ConfigError("track w_score, last_seen_penalty and max_gallery must be >= 0")
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    model: str | None = None  # None: the registry's default emotion model; a name or a path
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    tta: bool | None = None  # None: follow the model card
-    smooth_s: float = 0.0  # temporal smoothing window per track (0 = off)
+    """Emotion classification. ``smooth_s``: centred moving-average window per track (0 = off);
+    longer gives steadier curves but blurs short expressions."""
+
+    model: str | None = field(default=None, metadata=opt("model"))  # None: the registry's default; a name or a path
+    batch_size: int = field(default=64, metadata=opt("batch_size"))
+    device: str = field(default="auto", metadata=opt("device"))  # auto | cpu | cuda | cuda:N
+    tta: bool | None = field(default=None, metadata=opt("tta"))  # None: follow the model card
+    smooth_s: float = field(default=0.0, metadata=opt("smooth"))
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -130,13 +202,56 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """How sources become units of work (see :mod:`fer_batch.plan`).
+
+    ``segment_s``: split videos (and image sequences) longer than this into time segments whose
+    track ids are stitched afterwards; ``None``: ``DEFAULT_RAY_SEGMENT_S`` with the Ray runner,
+    no splitting with the local one. Shorter segments spread one long video over more workers
+    but re-analyse ``overlap_frames`` sampled frames (and at least ``lost_s``) per border.
+    ``stitch_min_iou``: mean box IoU on the overlap frames a segment's track needs to continue
+    an earlier id (real continuations score ~1; lower joins looser matches, higher splits more).
+    ``min_last_segment``: a last piece shorter than this share of ``segment_s`` is folded into
+    the previous segment.
+    """
+
+    segment_s: float | None = field(default=None, metadata=opt("segment_seconds"))
+    overlap_frames: int = 4
+    stitch_min_iou: float = 0.5
+    min_last_segment: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.segment_s is not None and not (self.segment_s > 0 and math.isfinite(self.segment_s)):
+            raise ConfigError(f"--segment-seconds must be > 0, got {self.segment_s}")
+        if self.overlap_frames < 1:
+            raise ConfigError(f"plan overlap_frames must be >= 1, got {self.overlap_frames}")
+        if not 0.0 < self.stitch_min_iou <= 1.0:
+            raise ConfigError(f"plan stitch_min_iou must be in (0, 1], got {self.stitch_min_iou}")
+        if not 0.0 <= self.min_last_segment < 1.0:
+            raise ConfigError(f"plan min_last_segment must be in [0, 1), got {self.min_last_segment}")
+
+
+# Segment length of the Ray runner when --segment-seconds is not given.
+DEFAULT_RAY_SEGMENT_S = 300.0
+
+
+@dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # None: embedded local instance
-    num_workers: int | None = None
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    segment_s: float = 300.0
-    dashboard: bool = False
+    """The Ray runner's cluster side (ignored by the local runner)."""
+
+    address: str | None = field(default=None, metadata=opt("ray_address"))  # None: embedded local instance
+    num_workers: int | None = field(default=None, metadata=opt("num_workers"))
+    cpus_per_worker: float = field(default=1.0, metadata=opt("cpus_per_worker"))
+    gpus_per_worker: float = field(default=0.0, metadata=opt("gpus_per_worker"))
+    dashboard: bool = field(default=False, metadata=opt("ray_dashboard"))
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ConfigError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError(f"--gpus-per-worker above 1 must be a whole number, got {self.gpus_per_worker}")
 
 
 @dataclass(frozen=True)
@@ -146,16 +261,28 @@ class RunConfig:
     track: TrackConfig = field(default_factory=TrackConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    runner: str = "local"  # local | ray
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    runner: str = field(default="local", metadata=opt("runner"))  # local | ray
     # CPU threads per worker: model sessions' intra-op pools, the video decoder and OpenCV
     # (0 = each library's default, about one per core)
-    threads: int = 0
+    threads: int = field(default=0, metadata=opt("threads"))
     prefetch: int = 3  # frames decoded ahead in a background thread (0 or 1: one ahead)
-    models_dir: str | None = None
+    models_dir: str | None = field(default=None, metadata=opt("models_dir"))
 
     def __post_init__(self) -> None:
-        if self.runner not in ("local", "ray"):
-            raise ConfigError(f"--runner: expected local|ray, got {self.runner!r}")
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"--runner: expected {'|'.join(RUNNERS)}, got {self.runner!r}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if self.runner == "ray" and self.classify.device.startswith("cuda") and self.ray.gpus_per_worker == 0:
+            raise ConfigError(f"--device {self.classify.device} with --runner ray needs --gpus-per-worker > 0")
+
+    @property
+    def segment_s(self) -> float | None:
+        """The segment length in effect (``None``: sources are not split)."""
+        if self.plan.segment_s is not None:
+            return self.plan.segment_s
+        return DEFAULT_RAY_SEGMENT_S if self.runner == "ray" else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,3 +294,54 @@ class RunConfig:
             cur = getattr(self, section)
             kw[section] = dataclasses.replace(cur, **changes) if dataclasses.is_dataclass(cur) else changes
         return dataclasses.replace(self, **kw)
+
+
+_SECTIONS = ("sampling", "detect", "track", "classify", "ray", "plan")
+
+
+def _options() -> dict[str, tuple[str | None, str]]:
+    out: dict[str, tuple[str | None, str]] = {}
+    for section in _SECTIONS:
+        cls = {f.name: f for f in dataclasses.fields(RunConfig)}[section].default_factory
+        for f in dataclasses.fields(cls):
+            if _OPTION in f.metadata:
+                out[f.metadata[_OPTION]] = (section, f.name)
+    for f in dataclasses.fields(RunConfig):
+        if _OPTION in f.metadata:
+            out[f.metadata[_OPTION]] = (None, f.name)
+    return out
+
+
+# User option name -> (config section or None for top level, field). Derived from the fields'
+# metadata: the one place an option is declared is its config field.
+OPTIONS: dict[str, tuple[str | None, str]] = _options()
+
+
+def config_from_options(**options: Any) -> RunConfig:
+    """A RunConfig from flat keyword options (``fps=2``, ``det_size=1024``); ``None`` keeps a default.
+
+    ``every`` given without ``fps`` switches sampling from fps to every-N-frames.
+
+    Raises:
+        ConfigError: an unknown option (the message lists the valid ones) or an invalid value.
+    """
+    sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    top: dict[str, Any] = {}
+    for k, v in options.items():
+        if k not in OPTIONS:
+            raise ConfigError(f"unknown option {k!r}; valid options: {', '.join(sorted(OPTIONS))}")
+        if v is None:
+            continue
+        section, name = OPTIONS[k]
+        (top if section is None else sections[section])[name] = v
+    if "every" in sections["sampling"] and "fps" not in sections["sampling"]:
+        sections["sampling"]["fps"] = None
+    return RunConfig(
+        sampling=SamplingConfig(**sections["sampling"]),
+        detect=DetectConfig(**sections["detect"]),
+        track=TrackConfig(**sections["track"]),
+        classify=ClassifyConfig(**sections["classify"]),
+        ray=RayConfig(**sections["ray"]),
+        plan=PlanConfig(**sections["plan"]),
+        **top,
+    )

@@ -44,48 +44,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from fer_batch.config import TrackConfig
+from fer_batch.config import REID_MODES, TrackConfig
 from fer_batch.errors import ConfigError, DataError
 from fer_batch.types import FaceDetections
 
 log = logging.getLogger(__name__)
 
-REID_MODES = ("auto", "on", "off")
-
-# Motion model, in units of the face size (sqrt of box area) so one setting fits small and
-# large faces. Raising ACCEL_STD lets faces change speed or direction faster between samples
-# but widens the gate (more chance to grab a neighbour's face); lowering it does the reverse.
-ACCEL_STD = 3.0  # face sizes / s^2 (white-noise acceleration)
-MEAS_STD = 0.15  # face sizes: jitter of the detected centre
-INIT_VEL_STD = 2.0  # face sizes / s: speed a new face may already have
-MAX_SPEED = 6.0  # face sizes / s: velocity estimates are clipped to this
-# A track's centre may be at most GATE_SIGMA standard deviations of its prediction away
-# (3.0 keeps ~99% of true matches of a 2-d Gaussian). Raising it bridges longer or more
-# erratic gaps, lowering it splits tracks sooner. GATE_MAX_SIZES caps the gate radius (in face
-# sizes) so a track lost for seconds cannot grab a face anywhere in the frame.
-GATE_SIGMA = 3.0
-GATE_MAX_SIZES = 4.0
-# A detection more than MAX_SIZE_RATIO times larger or smaller than the track is not a match.
-MAX_SIZE_RATIO = 2.0
-# Weights of the cost terms (motion, overlap, size); they sum to 1 so the cost is in [0, 1].
-W_MOTION, W_IOU, W_SIZE = 0.5, 0.3, 0.2
-# With embeddings, this share of the cost is the cosine distance (1 - cos, clipped to [0, 1]).
-W_EMB = 0.5
-# Doubtful pairs need a closer match: W_SCORE * (1 - min(detection score, best score of the
-# track)) is added to the cost. A detector false positive on the background (score just
-# above the threshold) then neither takes over the track of a face the detector missed nor,
-# as a track of its own, the face when it passes by; real faces (scores ~0.9+) are barely
-# affected. Raising it protects tracks more but makes partly hidden faces (lower scores)
-# re-join their track less often.
-W_SCORE = 0.4
-# For a missed face, "stayed where last seen" is charged this many face sizes of extra
-# distance, so it wins only when "kept moving" is clearly wrong (a face that stepped out and
-# came straight back) and not at a crossing, where the other face now stands exactly where
-# the hidden one was last seen. Lowering it favours stop-and-turn, raising it favours
-# constant motion.
-LAST_SEEN_PENALTY = 1.0
-SIZE_EMA = 0.5  # weight of the new observation in the smoothed face size
-MAX_GALLERY = 2000  # ended tracks kept for re-identification (oldest dropped first)
+# The tuning values of the tracker (motion model, gates, cost weights) are fields of
+# :class:`~fer_batch.config.TrackConfig`, documented there, so they are recorded with the outputs.
 _INF = 1e6
 
 
@@ -98,20 +64,6 @@ def track_config(**options) -> TrackConfig:
     return TrackConfig(**options)
 
 
-def _check_config(cfg: TrackConfig) -> None:
-    if not isinstance(cfg, TrackConfig):
-        raise ConfigError(f"FaceTracker: expected a TrackConfig, got {type(cfg).__name__}")
-    if not (cfg.lost_s > 0 and math.isfinite(cfg.lost_s)):
-        raise ConfigError(f"track.lost_s must be a positive number of seconds, got {cfg.lost_s}")
-    if not 0.0 < cfg.match_thresh <= 1.0:
-        raise ConfigError(f"track.match_thresh must be in (0, 1], got {cfg.match_thresh}")
-    if cfg.reid not in REID_MODES:
-        raise ConfigError(f"track.reid: unknown mode {cfg.reid!r}; valid: {', '.join(REID_MODES)}")
-    thr = getattr(cfg, "reid_thresh", 0.5)
-    if not -1.0 <= thr <= 1.0:
-        raise ConfigError(f"track.reid_thresh must be a cosine similarity in [-1, 1], got {thr}")
-
-
 @dataclass
 class _Track:
     """State of one track: a constant-velocity Kalman filter on the face centre.
@@ -120,6 +72,7 @@ class _Track:
     and both axes are observed together, so the two covariances stay equal.
     """
 
+    p: TrackConfig  # tuning values
     track_id: int
     pos: np.ndarray  # (2,) centre at time t_state
     vel: np.ndarray  # (2,) px / s
@@ -136,8 +89,10 @@ class _Track:
     emb: np.ndarray | None = field(default=None)  # L2-normalised mean embedding
 
     @classmethod
-    def start(cls, track_id: int, box: np.ndarray, t: float, emb: np.ndarray | None, score: float) -> "_Track":
-        trk = cls(track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t, best_score=score)
+    def start(
+        cls, p: TrackConfig, track_id: int, box: np.ndarray, t: float, emb: np.ndarray | None, score: float
+    ) -> "_Track":
+        trk = cls(p, track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t, best_score=score)
         trk.reset(box, t)
         if emb is not None:
             trk.emb_sum = emb.astype(np.float64).copy()
@@ -150,21 +105,21 @@ class _Track:
         self.pos, self.wh, self.size = c[0].astype(np.float64), wh[0].astype(np.float64), float(s[0])
         self.vel = np.zeros(2)
         self.last_pos, self.misses = self.pos.copy(), 0
-        self.P = np.diag([(MEAS_STD * self.size) ** 2, (INIT_VEL_STD * self.size) ** 2])
+        self.P = np.diag([(self.p.meas_std * self.size) ** 2, (self.p.init_vel_std * self.size) ** 2])
         self.t_state = self.last_seen = t
 
     def predict(self, t: float) -> None:
         dt = max(t - self.t_state, 0.0)
         if dt > 0:
             F = np.array([[1.0, dt], [0.0, 1.0]])
-            q = (ACCEL_STD * self.size) ** 2
+            q = (self.p.accel_std * self.size) ** 2
             Q = q * np.array([[dt**3 / 3, dt**2 / 2], [dt**2 / 2, dt]])
             self.pos = self.pos + self.vel * dt
             self.P = F @ self.P @ F.T + Q
         self.t_state = t
 
     def innovation_var(self) -> float:
-        return float(self.P[0, 0] + (MEAS_STD * self.size) ** 2)
+        return float(self.P[0, 0] + (self.p.meas_std * self.size) ** 2)
 
     def update(self, box: np.ndarray, t: float, emb: np.ndarray | None, score: float) -> None:
         c, wh, s = _geom(box[None])
@@ -175,11 +130,11 @@ class _Track:
         self.pos = self.pos + K[0] * y
         self.vel = self.vel + K[1] * y
         self.P = self.P - np.outer(K, self.P[0, :])
-        vmax = MAX_SPEED * self.size
+        vmax = self.p.max_speed * self.size
         speed = float(np.hypot(*self.vel))
         if speed > vmax:
             self.vel *= vmax / speed
-        self.size = (1 - SIZE_EMA) * self.size + SIZE_EMA * float(s[0])
+        self.size = (1 - self.p.size_ema) * self.size + self.p.size_ema * float(s[0])
         self.wh = wh[0].astype(np.float64)
         self.last_seen = t
         self.last_pos, self.misses = self.pos.copy(), 0
@@ -261,9 +216,10 @@ class FaceTracker:
 
     def __init__(self, cfg: TrackConfig | None = None):
         cfg = TrackConfig() if cfg is None else cfg
-        _check_config(cfg)
+        if not isinstance(cfg, TrackConfig):  # its values were checked when it was built
+            raise ConfigError(f"FaceTracker: expected a TrackConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.reid_thresh = float(getattr(cfg, "reid_thresh", 0.5))
+        self.reid_thresh = float(cfg.reid_thresh)
         self._live: list[_Track] = []
         self._gallery: list[_Track] = []  # ended tracks that carry an embedding
         self._next_id = 0
@@ -340,7 +296,7 @@ class FaceTracker:
 
         # 3) every face still without a track starts one now.
         for j in np.flatnonzero(ids < 0):
-            trk = _Track.start(self._next_id, boxes[j], t, None if emb is None else emb[j], float(scores[j]))
+            trk = _Track.start(self.cfg, self._next_id, boxes[j], t, None if emb is None else emb[j], float(scores[j]))
             self._next_id += 1
             self._live.append(trk)
             ids[j] = trk.track_id
@@ -378,6 +334,7 @@ class FaceTracker:
 
     def _end_lost(self, t: float) -> None:
         """Tracks unseen for longer than ``lost_s`` end; those with an embedding stay for re-id."""
+        c = self.cfg
         keep = []
         for trk in self._live:
             if t - trk.last_seen > self.cfg.lost_s:
@@ -386,11 +343,12 @@ class FaceTracker:
             else:
                 keep.append(trk)
         self._live = keep
-        if len(self._gallery) > MAX_GALLERY:
-            self._gallery = self._gallery[-MAX_GALLERY:]
+        if len(self._gallery) > c.max_gallery:
+            self._gallery = self._gallery[-c.max_gallery:]
 
     def _cost(self, tracks: list[_Track], boxes: np.ndarray, emb: np.ndarray | None, scores: np.ndarray) -> np.ndarray:
-        """Association cost (tracks x detections), about [0, 1 + W_SCORE]; ``_INF`` where gated out."""
+        """Association cost (tracks x detections), about [0, 1 + w_score]; ``_INF`` where gated out."""
+        c = self.cfg
         centres, _, sizes = _geom(boxes)
         pos = np.stack([trk.pos for trk in tracks])
         tsize = np.array([trk.size for trk in tracks])
@@ -401,23 +359,23 @@ class FaceTracker:
         missed = np.array([trk.misses > 0 for trk in tracks])
         if missed.any():
             last = np.stack([trk.last_pos for trk in tracks])
-            d_last = np.linalg.norm(centres[None, :, :] - last[:, None, :], axis=2) + LAST_SEEN_PENALTY * tsize[:, None]
+            d_last = np.linalg.norm(centres[None, :, :] - last[:, None, :], axis=2) + c.last_seen_penalty * tsize[:, None]
             dist = np.where(missed[:, None], np.minimum(dist, d_last), dist)
-        gate = np.minimum(GATE_SIGMA * std, GATE_MAX_SIZES * tsize)[:, None]
+        gate = np.minimum(c.gate_sigma * std, c.gate_max_sizes * tsize)[:, None]
         motion = dist / gate
         overlap = iou_matrix(np.stack([trk.box() for trk in tracks]), boxes)
         log_ratio = np.abs(np.log(sizes[None, :] / tsize[:, None]))
-        size_term = log_ratio / math.log(MAX_SIZE_RATIO)
-        cost = W_MOTION * np.minimum(motion, 1.0) + W_IOU * (1.0 - overlap) + W_SIZE * np.minimum(size_term, 1.0)
+        size_term = log_ratio / math.log(c.max_size_ratio)
+        cost = c.w_motion * np.minimum(motion, 1.0) + c.w_iou * (1.0 - overlap) + c.w_size * np.minimum(size_term, 1.0)
         if emb is not None:
             has = np.array([trk.emb is not None and trk.emb.shape == emb.shape[1:] for trk in tracks])
             if has.any():
                 sim = np.zeros((len(tracks), len(boxes)))
                 sim[has] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb.T
                 app = np.clip(1.0 - sim, 0.0, 1.0)
-                cost = np.where(has[:, None], (1 - W_EMB) * cost + W_EMB * app, cost)
+                cost = np.where(has[:, None], (1 - c.w_emb) * cost + c.w_emb * app, cost)
         best = np.array([trk.best_score for trk in tracks])
-        cost = cost + W_SCORE * np.clip(1.0 - np.minimum(scores[None, :], best[:, None]), 0.0, 1.0)
+        cost = cost + c.w_score * np.clip(1.0 - np.minimum(scores[None, :], best[:, None]), 0.0, 1.0)
         gated = (motion > 1.0) | (size_term > 1.0)
         return np.where(gated, _INF, cost)
 

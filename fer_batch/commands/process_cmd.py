@@ -79,7 +79,7 @@ def process(
     num_workers: Optional[int] = typer.Option(None, help="Ray worker actors."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs per Ray worker."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray worker (fractions share a GPU)."),
-    segment_seconds: float = typer.Option(300.0, help="Ray: split videos longer than this into segments."),
+    segment_seconds: Optional[float] = typer.Option(None, help="Split videos longer than this (seconds) into segments whose track ids are stitched [default: 300 with --runner ray; no splitting locally]."),
     threads: int = typer.Option(0, help="CPU threads for model sessions, video decoding and OpenCV (0 = library defaults)."),
     models_dir: Optional[str] = typer.Option(None, envvar="FER_BATCH_MODELS_DIR", help="Model pack directory with cards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (for schedulers)."),

@@ -187,7 +187,7 @@ def plan_source(source: MediaSource, cfg: RunConfig) -> list[WorkUnit]:
 
     A source that cannot be probed becomes one unit: the worker then records why it fails.
     """
-    segment_s = cfg.ray.segment_s
+    segment_s = cfg.segment_s
     if source.kind == "image" or not segment_s or segment_s <= 0:
         return [WorkUnit(source)]
     from fer_batch.io import MediaReader
@@ -781,8 +781,6 @@ def _check_config(cfg: RunConfig, out: str | None) -> None:
         raise ConfigError("--cpus-per-worker and --gpus-per-worker must be >= 0")
     if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
         raise ConfigError(f"--gpus-per-worker above 1 must be a whole number, got {r.gpus_per_worker}")
-    if not r.segment_s > 0:
-        raise ConfigError(f"--segment-seconds must be > 0, got {r.segment_s}")
     if cfg.classify.device.startswith("cuda") and r.gpus_per_worker == 0:
         raise ConfigError(f"--device {cfg.classify.device} with --runner ray needs --gpus-per-worker > 0")
     if out is None and r.address:
