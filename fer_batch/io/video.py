@@ -139,6 +139,15 @@ class MediaReader:
         return int(len(self._plan))
 
     @property
+    def seeks_cheaply(self) -> bool:
+        """Whether a reader of this source can start at a later frame without decoding from
+        the start: a video whose container's seeking is trusted and that has a keyframe index
+        with more than one keyframe, or an image sequence (valid after ``open``)."""
+        if self.source.kind == "video":
+            return bool(self._seek and len(self._keys) > 1)
+        return self.source.kind == "image_sequence"
+
+    @property
     def plan(self) -> np.ndarray:
         """Planned frame indices (read-only copy)."""
         return self._plan.copy()
