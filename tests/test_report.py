@@ -357,7 +357,7 @@ def test_html_is_self_contained(session: Path, tmp_path: Path):
     secs = _sections(text)
     assert len(secs) == 3 == len(figs.sources)
     # one timeline plot per face: s1 has 2, s2 has 1, s3 (failed) none and shows its error
-    counts = sorted(s.count("<svg") for s in secs.values())
+    counts = sorted(s.count('<div class="plot"><svg') for s in secs.values())
     assert counts == [0, 1, 2]
     assert any("moov atom not found" in s for s in secs.values())
     # the index table lists every source with a link to its section
@@ -431,6 +431,39 @@ def test_thumbnails_cut_from_real_video(tmp_path: Path):
         err = np.abs(im - want).mean()
         assert err < 12, err  # JPEG + resampling differences only
         assert np.abs(im - other).mean() > 2 * err  # and clearly not some other part of the frame
+
+
+def _owned_bytes(a: np.ndarray) -> int:
+    """Bytes of the buffer behind ``a`` (its base chain's root when it is a view)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a.nbytes
+
+
+def test_thumbnail_frames_are_decoded_one_at_a_time(tmp_path: Path):
+    """Each frame handed to the cropper owns only its own pixels (no batch of up to 40 full
+    frames behind it), frames come in increasing order, and out-of-range indices are left out."""
+    from fer_batch.report.thumbs import iter_frames
+    from fer_batch.synth import make_sample_video
+
+    video = make_sample_video(tmp_path / "v.mp4", seconds=1.2, fps=25, size=(320, 192))
+    got = []
+    for i, frame in iter_frames(video.path, [20, 3, 9, 3, 10_000]):
+        assert frame.shape == (192, 320, 3)
+        assert _owned_bytes(frame) == frame.nbytes, (i, _owned_bytes(frame), frame.nbytes)
+        got.append(i)
+    assert got == [3, 9, 20]
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o002])
+def test_report_file_honours_umask(session: Path, tmp_path: Path, umask: int):
+    out = tmp_path / f"r{umask:o}.html"
+    old = os.umask(umask)
+    try:
+        build_report(session, out)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -630,8 +663,8 @@ def test_report_in_headless_chromium(session: Path, tmp_path: Path):
                 "(() => { const s = document.querySelector('section.source:not([hidden])');"
                 " return {index: document.getElementById('index').hidden, id: s && s.id,"
                 " shown: document.querySelectorAll('section.source:not([hidden])').length,"
-                " svgs: s ? Array.from(s.querySelectorAll('svg')).map(v => v.getBoundingClientRect().width) : [],"
-                " paths: s ? s.querySelectorAll('svg path').length : 0, title: document.title}; })()"
+                " svgs: s ? Array.from(s.querySelectorAll('.plot svg')).map(v => v.getBoundingClientRect().width) : [],"
+                " paths: s ? s.querySelectorAll('.plot svg path').length : 0, title: document.title}; })()"
             )
             assert state["index"] is True and state["shown"] == 1
             assert len(state["svgs"]) == 2 and min(state["svgs"]) > 600, state
@@ -664,6 +697,141 @@ def test_report_in_headless_chromium(session: Path, tmp_path: Path):
         assert near > 500, (emo, near)
 
 
+# ----------------------------------------------------------------------------- untrusted Parquet
+
+# Each payload tries another way out of the place it is written into (text, attribute value,
+# script element); every injected element carries ``data-pwn`` and every injected script sets
+# ``window.__pwn``, so the DOM check below finds any that got through.
+PAYLOADS = [
+    "<script data-pwn>window.__pwn=1</script>",
+    "</script><script data-pwn>window.__pwn=2</script>",
+    "<img data-pwn src=x onerror=\"window.__pwn=3\">",
+    "\"><img data-pwn src=x onerror=window.__pwn=4>",
+    "'><svg data-pwn onload=window.__pwn=5>",
+    "</style><style data-pwn>body{display:none}</style>",
+    "</textarea></title><b data-pwn>x</b>",
+]
+
+
+def write_tampered_session(directory: Path) -> Path:
+    """A session whose status, path, error, kind, emotion and metadata fields carry HTML and
+    script (what a crafted Parquet from someone else could hold)."""
+    out = write_session(directory)
+    faces = pq.read_table(out)
+    n = faces.num_rows
+    src_paths = [f"/data/{PAYLOADS[i % len(PAYLOADS)]}/clip{i % 2}.mp4" for i in range(n)]
+    faces = faces.set_column(faces.schema.get_field_index("source_path"), "source_path", pa.array(src_paths, pa.string()))
+    faces = faces.set_column(faces.schema.get_field_index("emotion"), "emotion", pa.array([PAYLOADS[0]] * n, pa.string()))
+    meta = dict(faces.schema.metadata or {})
+    meta[b"fer_batch.version"] = PAYLOADS[1].encode()
+    meta[b"fer_batch.models"] = json.dumps({PAYLOADS[2]: {"name": PAYLOADS[3]}, "classify": PAYLOADS[4]}).encode()
+    pq.write_table(faces.replace_schema_metadata(meta), out)
+    statuses = ["ok", "partial", "failed", "skipped", *PAYLOADS]
+    rows = []
+    for i, st in enumerate(statuses):
+        p = PAYLOADS[i % len(PAYLOADS)]
+        rows.append(dict(
+            source_id=("s1", "s2")[i] if i < 2 else f"{p}-{i}", path=f"/in/{p}/{p}.mp4", kind=p, status=st,
+            error=p, duration_s=10.0, frames_sampled=1, faces=0, tracks=0, wall_s=0.1,
+        ))  # fmt: skip
+    pq.write_table(rows_to_table(rows, SOURCES_SCHEMA), companion_path_of(out))
+    return out
+
+
+def companion_path_of(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".parquet") + ".sources.parquet")
+
+
+def test_tampered_parquet_values_are_escaped_and_statuses_checked(tmp_path: Path):
+    out = write_tampered_session(tmp_path)
+    figs = summarize(out)
+    assert {s.status for s in figs.sources} == {"ok", "partial", "failed", "skipped", "invalid"}
+    bad = [s for s in figs.sources if s.status == "invalid"]
+    assert len(bad) == len(PAYLOADS) and all("unrecognised status" in s.error for s in bad)
+    html_out = tmp_path / "review.html"
+    build_report(out, html_out, thumbnails=True)
+    text = html_out.read_text()
+    for tag in ("script", "img", "svg", "style", "b"):
+        assert f"<{tag} data-pwn" not in text
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', text).group(1)
+    assert "unsafe-inline" not in csp and "'sha256-" in csp
+    assert "style=" not in text  # sizes and colours are attributes and classes (styles need no unsafe-inline)
+    # the status filter offers only known statuses
+    opts = re.findall(r'<option value="([^"]*)"', text)
+    assert opts == ["", "ok", "partial", "failed", "skipped", "invalid"]
+
+
+def test_wrong_column_types_are_refused(tmp_path: Path):
+    out = write_session(tmp_path)
+    faces = pq.read_table(out)
+    i = faces.schema.get_field_index("track_id")
+    faces = faces.set_column(i, "track_id", pa.array([PAYLOADS[0]] * faces.num_rows, pa.string()))
+    pq.write_table(faces, out)
+    with pytest.raises(DataError, match="track_id"):
+        load_report(out)
+    write_session(tmp_path)
+    meta = dict(pq.read_schema(out).metadata)
+    meta[b"fer_batch.models"] = b"{not json"
+    pq.write_table(pq.read_table(out).replace_schema_metadata(meta), out)
+    with pytest.raises(DataError, match="metadata"):
+        load_report(out)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_tampered_parquet_injects_nothing_in_chromium(tmp_path: Path):
+    out = write_tampered_session(tmp_path)
+    html_out = tmp_path / "review.html"
+    build_report(out, html_out, thumbnails=True, per_page=5)
+    url = html_out.resolve().as_uri()
+    probe = """(() => {
+      const sections = Array.from(document.querySelectorAll('section.source'));
+      const info = {
+        pwn: typeof window.__pwn === 'undefined' ? null : window.__pwn,
+        marked: document.querySelectorAll('[data-pwn]').length,
+        handlers: Array.from(document.querySelectorAll('*')).filter(el =>
+          Array.from(el.attributes).some(a => a.name.startsWith('on'))).length,
+        scripts: document.scripts.length,
+        styles: document.querySelectorAll('style').length,
+        imgs: document.querySelectorAll('img').length,
+        ready: document.documentElement.getAttribute('data-ready'),
+        bodyShown: getComputedStyle(document.body).display !== 'none',
+        options: Array.from(document.querySelectorAll('#status-filter option')).map(o => o.value),
+        sections: sections.length,
+        text: document.body.textContent,
+        titles: sections.map(s => s.getAttribute('data-title')),
+      };
+      return info; })()"""
+    with tempfile.TemporaryDirectory() as ud:
+        b = Chromium(Path(ud))
+        try:
+            b.open_page()
+            b.send("Page.navigate", {"url": url})
+            b.wait_event("Page.loadEventFired")
+            index = b.eval(probe)
+            views = []
+            for k in range(index["sections"]):  # open every source view, too
+                b.eval(f"location.hash = '#' + document.querySelectorAll('section.source')[{k}].id")
+                b.eval("new Promise(r => setTimeout(r, 50))")
+                views.append(b.eval(probe))
+            events = list(b.events)
+        finally:
+            b.close()
+    for state in [index, *views]:
+        assert state["pwn"] is None and state["marked"] == 0 and state["handlers"] == 0, state
+        assert state["scripts"] == 2 and state["styles"] == 1 and state["imgs"] == 0, state
+        assert state["ready"] == "1" and state["bodyShown"]
+    assert index["options"] == ["", "ok", "partial", "failed", "skipped", "invalid"]
+    # the payloads are shown as text, verbatim
+    for p in PAYLOADS:
+        assert p in index["text"], p
+    assert any("unrecognised status" in v["text"] for v in views)
+    # the page's own script and stylesheet pass the CSP (by hash): no violation, no error
+    errors = [m for m in events if m.get("method") == "Runtime.exceptionThrown"]
+    errors += [m for m in events if m.get("method") == "Log.entryAdded" and m["params"]["entry"]["level"] == "error"]
+    errors += [m for m in events if m.get("method") == "Runtime.consoleAPICalled" and m["params"]["type"] == "error"]
+    assert not errors, errors
+
+
 # ----------------------------------------------------------------------------- real pipeline output
 
 
@@ -694,7 +862,7 @@ def test_report_on_real_process_output(tmp_path: Path):
         assert sf.shares[emo] == pytest.approx((counts == j).mean())
     text = html_out.read_text()
     n_plots = min(n_tracks, 12)
-    assert text.count("<svg") == n_plots
+    assert text.count('<div class="plot"><svg') == n_plots
     thumbs = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', text)
     assert len(thumbs) == sum(1 for m in sf.moments if m.box is not None) >= n_tracks
     for b64 in thumbs[:3]:
@@ -719,7 +887,7 @@ def test_images_only_and_empty_reports(tmp_path: Path):
     # each angry face (0.7 >= 0.6) is a peak; no plots for single frames, the probabilities instead
     assert [m.kind for s in figs.sources for m in s.moments] == ["peak", "peak"]
     text = (tmp_path / "images.html").read_text()
-    assert "<svg" not in text and text.count("· probabilities") == 4
+    assert '<div class="plot">' not in text and text.count("· probabilities") == 4
 
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.Table.from_pylist([], schema=faces_to_table("x", "x", FaceDetections.empty()).schema), empty)

@@ -37,6 +37,21 @@ def summarize(report: str | Path | ReportData, params: MomentParams | None = Non
     return session_figures(data.faces, data.sources, params or MomentParams())
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc), since
+    setting it to read it races with other threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -49,7 +64,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the report gets what open() would
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -52,7 +52,12 @@ from fer_batch.report.columns import (
     TIMESTAMP,
     TRACK_ID,
 )
+from fer_batch.schema import SOURCE_STATUSES
 from fer_batch.types import EMOTIONS
+
+# The status shown for a sources-table row whose status is none of SOURCE_STATUSES (a file
+# written by something else, or tampered with); its error says what the value was.
+INVALID_STATUS = "invalid"
 
 NEGATIVE: tuple[str, ...] = ("angry", "disgust", "fear", "sad")
 POSITIVE: tuple[str, ...] = ("happy",)
@@ -505,12 +510,18 @@ def source_figures(
     duration = source.get(SRC_DURATION)
     if duration is None or (isinstance(duration, float) and not np.isfinite(duration)):
         duration = (float(faces[TIMESTAMP].max() - faces[TIMESTAMP].min()) + dt) if len(faces) else None
+    status = str(source.get(SRC_STATUS) or "ok")
+    error = source.get(SRC_ERROR) if isinstance(source.get(SRC_ERROR), str) and source.get(SRC_ERROR) else None
+    if status not in SOURCE_STATUSES:  # the Parquet is untrusted: only known statuses pass
+        error = f"the sources table gives an unrecognised status {status[:200]!r}" + (f"; {error}" if error else "")
+        status = INVALID_STATUS
+    kind = source.get(SRC_KIND)
     return SourceFigures(
         source_id=sid,
         path=path,
-        kind=source.get(SRC_KIND),
-        status=str(source.get(SRC_STATUS) or "ok"),
-        error=source.get(SRC_ERROR) if isinstance(source.get(SRC_ERROR), str) and source.get(SRC_ERROR) else None,
+        kind=str(kind) if kind is not None else None,
+        status=status,
+        error=error,
         duration_s=float(duration) if duration is not None else None,
         dt=dt,
         rows=len(faces),

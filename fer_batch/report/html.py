@@ -4,6 +4,12 @@ Layout (one file, no network at view time: a Content-Security-Policy of ``defaul
 forbids any request; plots are inline SVG, thumbnails ``data:`` URIs, the script and styles
 inline):
 
+Every value read from Parquet (paths, statuses, errors, metadata) is untrusted: it is
+HTML-escaped wherever it is written, statuses outside ``SOURCE_STATUSES`` are shown as
+``invalid``, and the CSP allows only the page's own script and stylesheet, by their sha256
+(no ``'unsafe-inline'``: an injected ``<script>``, event handler or ``<style>`` would not run).
+Sizes and colours are therefore SVG attributes and CSS classes, never ``style=`` attributes.
+
 - **Index view** (``#index``, the default): the session summary, then a table of every
   source (sortable by any column, filterable by text and status, paged ``per_page`` rows at a
   time) whose rows link to the sources, then the definitions and thresholds used.
@@ -16,7 +22,9 @@ inline):
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import hashlib
 import html
 import json
 import re
@@ -78,22 +86,27 @@ def _dv(v: Any) -> str:
 
 
 def share_bar(shares: dict[str, float], cls: str = "bar") -> str:
-    """The share of time per emotion as a stacked bar of divs (with a text alternative)."""
+    """The share of time per emotion as a stacked bar (an SVG of rectangles sized by
+    attributes, so no inline style is needed; with a text alternative)."""
     parts = []
+    x = 0.0
     for em in EMOTIONS:
-        v = shares.get(em, 0.0)
+        v = float(shares.get(em, 0.0))
         if v > 0:
             parts.append(
-                f'<span style="width:{100 * v:.2f}%;background:{EMOTION_COLORS[em]}" title="{em} {100 * v:.1f}%"></span>'
+                f'<rect x="{100 * x:.3f}" y="0" width="{100 * v:.3f}" height="1" fill="{EMOTION_COLORS[em]}">'
+                f"<title>{em} {100 * v:.1f}%</title></rect>"
             )
+            x += v
     alt = ", ".join(f"{em} {100 * shares.get(em, 0):.0f}%" for em in EMOTIONS if shares.get(em, 0) > 0)
-    return f'<div class="{cls}" role="img" aria-label="{e(alt or "no faces")}">{"".join(parts)}</div>'
+    svg = f'<svg viewBox="0 0 100 1" preserveAspectRatio="none" aria-hidden="true">{"".join(parts)}</svg>' if parts else ""
+    return f'<div class="{cls}" role="img" aria-label="{e(alt or "no faces")}">{svg}</div>'
 
 
 def share_legend(shares: dict[str, float]) -> str:
     """The legend of a share bar: the emotions with a non-zero share and their percentage."""
     items = "".join(
-        f'<li><i style="background:{EMOTION_COLORS[em]}"></i>{em} <b>{100 * shares.get(em, 0):.1f}%</b></li>'
+        f'<li><i class="c-{em}"></i>{em} <b>{100 * shares.get(em, 0):.1f}%</b></li>'
         for em in EMOTIONS
         if shares.get(em, 0) > 0
     )
@@ -143,7 +156,7 @@ def _moment_rows(moments: list[Moment], thumbs: dict[int, str], with_thumbs: boo
             th = f'<td><img class="thumb" alt="face {m.track_id} at {m.time_s:.1f} s" src="{uri}"></td>' if uri else '<td class="muted">–</td>'
         cls = "neg" if m.emotion in NEGATIVE else "sur"
         rows.append(
-            f'<tr class="{cls}"><td>{kind}</td><td><i class="dot" style="background:{EMOTION_COLORS[m.emotion]}"></i>{m.emotion}</td>'
+            f'<tr class="{cls}"><td>{kind}</td><td><i class="dot c-{m.emotion}"></i>{m.emotion}</td>'
             f"<td>{fmt_time(m.start_s)}</td><td>{fmt_time(m.end_s)}</td><td>{fmt_time(m.duration_s)}</td>"
             f"<td>{m.value:.2f}</td><td>{m.mean:.2f}</td>{th}</tr>"
         )
@@ -325,7 +338,7 @@ a{color:var(--accent)}
 .card .k{font-size:11px;color:var(--muted);text-transform:uppercase;letter-spacing:.03em}
 .card .v{font-size:18px;font-weight:600}
 .bar{display:flex;height:12px;border-radius:3px;overflow:hidden;background:#eceff3;margin:4px 0}
-.bar span{display:block;height:100%}
+.bar svg{display:block;width:100%;height:100%}
 .bar.big{height:18px}
 .bar.mini{height:10px;width:120px;margin:0}
 .legend{list-style:none;padding:0;margin:2px 0 8px;display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px}
@@ -356,7 +369,8 @@ tr.sur td:first-child{border-left:3px solid #ff7f0e}
 section.source:target{display:block}
 details#about{margin-top:24px;background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:8px 14px}
 details#about summary{cursor:pointer;font-weight:600}
-"""
+.s-invalid{background:#fbd9d5;color:#8f1d12}
+""" + "".join(f".c-{em}{{background:{col}}}\n" for em, col in EMOTION_COLORS.items())
 
 _JS = r"""
 (function () {
@@ -518,8 +532,11 @@ def render_html(
     )
     head_cells = "".join(f'<th data-type="{t}" scope="col">{e(n)}</th>' for n, t in _COLUMNS)
     body_rows = "\n".join(_index_row(sf, sec) for sf, sec in zip(figs.sources, secs))
-    status_opts = "".join(f'<option value="{k}">{k} ({v})</option>' for k, v in figs.status_counts.items() if v)
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+    status_opts = "".join(f'<option value="{e(k)}">{e(k)} ({int(v)})</option>' for k, v in figs.status_counts.items() if v)
+    csp = (
+        f"default-src 'none'; img-src data:; style-src {_csp_hash(_CSS)}; script-src {_csp_hash(_JS)}; "
+        "base-uri 'none'; form-action 'none'"
+    )
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -551,6 +568,11 @@ def render_html(
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _csp_hash(text: str) -> str:
+    """The CSP source expression allowing exactly the inline element whose content is ``text``."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
 def _json_for_script(obj: Any) -> str:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from fer_batch.errors import DataError, InputError
 from fer_batch.report.columns import FACES_REQUIRED, SMOOTHED, SOURCES_REQUIRED
-from fer_batch.schema import SCHEMA_VERSION, read_metadata
+from fer_batch.schema import FACES_SCHEMA, SCHEMA_VERSION, SOURCES_SCHEMA, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,42 @@ def _schema(path: Path, what: str) -> pa.Schema:
         raise InputError(f"{path}: not a readable Parquet file ({what}): {e}") from e
 
 
+def _type_class(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def check_types(schema: pa.Schema, expected: pa.Schema, names: list[str] | tuple[str, ...], where: Path) -> None:
+    """DataError unless each column of ``names`` present in ``schema`` has the kind of type
+    (string / integer / float) ``expected`` gives it: a file from elsewhere is untrusted, and a
+    string where a number belongs must stop here, not deep inside the figures or the HTML. An
+    all-null column (type null) passes."""
+    bad = []
+    for n in names:
+        if n not in schema.names or n not in expected.names:
+            continue
+        got, want = _type_class(schema.field(n).type), _type_class(expected.field(n).type)
+        if got != want and got != "null" and not (want == "float" and got == "integer"):
+            bad.append(f"{n} ({schema.field(n).type}, expected {want})")
+    if bad:
+        raise DataError(f"{where}: not a fer-batch table: wrong column types: {', '.join(bad)}")
+
+
+def _metadata(schema: pa.Schema, where: Path) -> dict[str, Any]:
+    """The fer-batch metadata, or DataError when it is not valid UTF-8 / JSON."""
+    try:
+        return read_metadata(schema)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{where}: unreadable fer-batch metadata ({type(e).__name__}: {e})") from e
+
+
 def load_report(path: str | Path) -> ReportData:
     """Read a faces table and the sources table beside it, or a partitioned dataset directory
     (``fer-batch process --incremental``: ``DATASET/date=.../part-*.parquet``; it holds no
@@ -69,11 +105,12 @@ def load_report(path: str | Path) -> ReportData:
     missing = [c for c in FACES_REQUIRED if c not in schema.names]
     if missing:
         raise DataError(f"{path}: not a fer-batch faces table: missing columns {missing}")
-    meta = read_metadata(schema)
+    meta = _metadata(schema, path)
     version = meta.get("schema_version")
     if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise DataError(f"{path}: written with schema version {version}; this fer-batch reads {SCHEMA_VERSION}")
     cols = list(FACES_REQUIRED) + [c for c in SMOOTHED if c in schema.names]
+    check_types(schema, FACES_SCHEMA, cols, path)
     faces = _read(path, cols, "faces table").to_pandas()
 
     sources = None
@@ -83,6 +120,7 @@ def load_report(path: str | Path) -> ReportData:
         miss = [c for c in SOURCES_REQUIRED if c not in st.schema.names]
         if miss:
             raise DataError(f"{spath}: not a fer-batch sources table: missing columns {miss}")
+        check_types(st.schema, SOURCES_SCHEMA, st.schema.names, spath)
         sources = st.to_pandas()
     else:
         log.warning("%s: no sources table beside it (%s); listing only sources that have faces", path, spath.name)
@@ -104,11 +142,12 @@ def _load_dataset(root: Path) -> ReportData:
     missing = [c for c in FACES_REQUIRED if c not in dset.schema.names]
     if missing:
         raise DataError(f"{root}: not a fer-batch faces dataset: missing columns {missing}")
-    meta = read_metadata(pq.read_schema(dset.files[0]))
+    meta = _metadata(pq.read_schema(dset.files[0]), root)
     version = meta.get("schema_version")
     if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise DataError(f"{root}: written with schema version {version}; this fer-batch reads {SCHEMA_VERSION}")
     cols = list(FACES_REQUIRED) + [c for c in SMOOTHED if c in dset.schema.names]
+    check_types(dset.schema, FACES_SCHEMA, cols, root)
     try:
         faces = dset.to_table(columns=cols).to_pandas()
     except (pa.ArrowInvalid, OSError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import itertools
 import re
@@ -71,7 +72,30 @@ def figure_to_svg(fig: Figure) -> str:
     svg = buf.getvalue()
     svg = svg[svg.index("<svg") :]
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
-    return _compact(svg, f"f{next(_uid)}-")
+    return _presentation_attrs(_compact(svg, f"f{next(_uid)}-"))
+
+
+def _presentation_attrs(svg: str) -> str:
+    """Move matplotlib's inline CSS into SVG presentation attributes, so the page's
+    Content-Security-Policy needs no ``'unsafe-inline'`` styles: every ``style="k: v; ..."``
+    becomes ``k="v" ...`` (matplotlib only writes properties that exist as presentation
+    attributes: fill, stroke*, font-size, text-anchor, opacity), and its ``<style>`` element
+    (``*{stroke-linejoin: round; stroke-linecap: butt}``) becomes the same two attributes on
+    the root ``<svg>``, inherited by every shape that does not set its own."""
+    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.S)
+    svg = re.sub(r"<defs>\s*</defs>", "", svg)
+
+    def _attrs(m: re.Match) -> str:
+        out = []
+        for decl in m.group(1).split(";"):
+            k, sep, v = decl.partition(":")
+            k, v = k.strip(), v.strip()
+            if sep and re.fullmatch(r"[a-z-]+", k):
+                out.append(f'{k}="{html.escape(v)}"')
+        return " ".join(out)
+
+    svg = re.sub(r'style="([^"]*)"', _attrs, svg)
+    return svg.replace("<svg ", '<svg stroke-linejoin="round" stroke-linecap="butt" ', 1)
 
 
 def _bin(times: np.ndarray, probs: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -48,25 +49,33 @@ def _rgb(path: Path) -> np.ndarray:
     return read_image(path)[:, :, ::-1]
 
 
-def _read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
-    """RGB frames of ``path`` by frame index (decord applies the video's rotation itself, as
-    in ``fer-batch process``, so boxes match)."""
+def iter_frames(path: Path, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame index, RGB frame) of ``path`` for the wanted indices, in increasing order, one
+    decoded frame at a time (a full frame of an 8K video is 100 MB: the caller cuts its
+    thumbnails and drops it before the next is decoded). decord applies the video's rotation
+    itself, as in ``fer-batch process``, so boxes match. Indices outside the source are left out.
+    """
     from fer_batch.io import media_kind
 
+    wanted = sorted({int(i) for i in indices if i >= 0})
     if path.is_dir():
         files = _sequence_files(path)
-        return {i: _rgb(files[i]) for i in indices if 0 <= i < len(files)}
+        for i in wanted:
+            if i < len(files):
+                yield i, _rgb(files[i])
+        return
     if media_kind(path) == "image":
         img = _rgb(path)
-        return {i: img for i in indices}
+        for i in wanted:
+            yield i, img
+        return
     import decord  # imported lazily: only thumbnails of videos need it
 
     vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    ok = sorted({i for i in indices if 0 <= i < len(vr)})
-    if not ok:
-        return {}
-    frames = vr.get_batch(ok).asnumpy()
-    return {i: frames[k] for k, i in enumerate(ok)}
+    n = len(vr)
+    for i in wanted:
+        if i < n:
+            yield i, vr[i].asnumpy()
 
 
 def crop_thumbnail(frame: np.ndarray, box: tuple[float, float, float, float], px: int = THUMB_PX) -> str:
@@ -98,22 +107,24 @@ def cut_thumbnails(source_path: str, requests: list[ThumbRequest], px: int = THU
         return {}, None
     if not path.exists():
         return {}, f"source file not found at report time: {source_path} (thumbnails omitted)"
+    by_frame: dict[int, list[int]] = {}
+    for k, r in enumerate(requests):
+        by_frame.setdefault(int(r.frame_index), []).append(k)
+    out: dict[int, str] = {}
+    failed = 0
     try:
-        frames = _read_frames(path, sorted({r.frame_index for r in requests}))
+        for i, frame in iter_frames(path, list(by_frame)):
+            for k in by_frame[i]:
+                try:
+                    out[k] = crop_thumbnail(frame, requests[k].box, px)
+                except ValueError as e:
+                    log.warning("%s frame %d: %s", source_path, i, e)
+                    failed += 1
+            del frame  # only one decoded frame is alive at a time
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes a note, the report goes on
         log.warning("%s: cannot read frames for thumbnails: %s", source_path, e)
-        return {}, f"cannot read {source_path} for thumbnails: {type(e).__name__}: {e}"
-    out: dict[int, str] = {}
-    missing = 0
-    for k, r in enumerate(requests):
-        fr = frames.get(r.frame_index)
-        if fr is None:
-            missing += 1
-            continue
-        try:
-            out[k] = crop_thumbnail(fr, r.box, px)
-        except ValueError as e:
-            log.warning("%s frame %d: %s", source_path, r.frame_index, e)
-            missing += 1
+        if not out:
+            return {}, f"cannot read {source_path} for thumbnails: {type(e).__name__}: {e}"
+    missing = len(requests) - len(out)
     note = f"{missing} of {len(requests)} thumbnails could not be cut from {source_path}" if missing else None
     return out, note
