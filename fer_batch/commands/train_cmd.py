@@ -40,11 +40,17 @@ def _ints(s: str, what: str) -> list[int]:
 
 
 def train(
-    data: str = typer.Argument(..., help="Training data: image-folder tree (one sub-folder per class), Parquet (image, label) or FER2013 CSV."),
+    data: str = typer.Argument(..., help="Training data: image-folder tree (one sub-folder per class), Parquet (image + label, or image + one vote column per emotion, e.g. FER+) or FER2013 CSV."),
     out: Path = typer.Option(..., "--out", help="Run folder: last.pt (every epoch), best.pt, history.jsonl."),
     val: str = typer.Option(None, "--val", help="Separate validation DATA (else --val-fraction of DATA, duplicates kept on one side)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction"),
     drop_unknown: bool = typer.Option(False, "--drop-unknown", help="Skip images whose label maps onto none of the 7 emotions (else an error)."),
+    where: str = typer.Option(None, "--where", help="Parquet only: train on rows where COLUMN=V1[,V2] (e.g. fer_usage=Training)."),
+    val_where: str = typer.Option(None, "--val-where", help="The same for --val (e.g. fer_usage=PublicTest)."),
+    hard_label: str = typer.Option(None, "--hard-label", help="Vote data: also learn this hard-label column (e.g. fer2013_label)."),
+    hard_weight: float = typer.Option(0.0, "--hard-weight", help="Weight of --hard-label: loss weight of its head (--hard-mode head) or its share of the target (--hard-mode target)."),
+    hard_mode: str = typer.Option("head", "--hard-mode", help="head: a second output head learns the hard label (multi-task; export mixes the heads) | target: (1-w) x votes + w x one-hot."),
+    head_mix: float = typer.Option(1.0, "--head-mix", help="Two-head models: output = mix x P(vote head) + (1-mix) x P(hard-label head); export can override."),
     arch: str = typer.Option("vgg", "--arch", help="vgg | resnet | mini_xception | tv:NAME (any torchvision classifier)."),
     widths: str = typer.Option("32,64,128,256", "--widths", help="Channel widths per stage (vgg/resnet)."),
     depth: int = typer.Option(2, "--depth", help="Convs per stage (vgg)."),
@@ -70,7 +76,7 @@ def train(
     erase: float = typer.Option(0.3, "--aug-erase"),
     mixup: float = typer.Option(0.0, "--mixup", help="Probability of mixup per batch."),
     cutmix: float = typer.Option(0.0, "--cutmix", help="Probability of CutMix per batch."),
-    init: str = typer.Option(None, "--init", help="Start from: a fer-batch checkpoint, 'mini_xception_fer' (the shipped baseline), or a local weights file (torchvision state dict / safetensors)."),
+    init: str = typer.Option(None, "--init", help="Start from: a fer-batch checkpoint, 'mini_xception_fer' (the shipped baseline), 'onnx:NAME#K' (member K of a shipped fer-batch VGG export, e.g. onnx:vgg_fer2013#1), or a local weights file (torchvision state dict / safetensors)."),
     freeze_epochs: int = typer.Option(0, "--freeze-epochs", help="Train only the classification head for the first N epochs."),
     backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", help="Discriminative LR: backbone lr = lr x this."),
     patience: int = typer.Option(15, "--patience", help="Early stopping: epochs without a better validation macro-F1."),
@@ -103,7 +109,8 @@ def train(
             pre["crop"] = crop
         aug = AugmentConfig(flip, scale, translate, rotate, brightness, contrast, erase, mixup, cutmix)
         cmd = "fer-batch train " + shlex.join(sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else [])
-        args = TrainArgs(data=data, out=str(out), val=val, val_fraction=val_fraction, drop_unknown=drop_unknown, arch=a,
+        args = TrainArgs(data=data, out=str(out), val=val, val_fraction=val_fraction, drop_unknown=drop_unknown, where=where,
+                         val_where=val_where, hard_label=hard_label, hard_weight=hard_weight, hard_mode=hard_mode, head_mix=head_mix, arch=a,
                          preprocess=pre, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_balance=class_balance,
                          augment=aug.to_dict(), init=init, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult,

@@ -44,6 +44,12 @@ class TrainArgs:
     val: str | None = None  # separate validation DATA; else carve val_fraction from data
     val_fraction: float = 0.1
     drop_unknown: bool = False
+    where: str | None = None  # COLUMN=V1,V2: only these rows of DATA (Parquet)
+    val_where: str | None = None  # the same for --val
+    hard_label: str | None = None  # a second, hard label column next to vote columns (e.g. fer2013_label)
+    hard_weight: float = 0.0  # its weight (see hard_mode)
+    hard_mode: str = "head"  # head: a second output head learns it (multi-task) | target: mixed into the soft target
+    head_mix: float = 1.0  # two-head models: output = mix * P(votes head) + (1 - mix) * P(hard-label head)
     arch: dict[str, Any] = field(default_factory=lambda: {"name": "vgg", "widths": [32, 64, 128, 256], "depth": 2, "dropout": 0.3})
     preprocess: dict[str, Any] = field(default_factory=lambda: {"size": 48, "crop": 40, "colour": "gray", "mean": [0.5], "std": [0.5]})
     epochs: int = 60
@@ -123,15 +129,42 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, torch.Tensor)}
 
 
-def model_from_checkpoint(ck: dict[str, Any]) -> tuple[nn.Module, PreprocessSpec, list[str]]:
-    """Rebuild the trained module (eval mode), its preprocessing and label order."""
+class HeadMix(nn.Module):
+    """A two-head network (2K outputs) seen as one K-class model: log of the mixed probabilities.
+
+    ``mix`` 1 is the first head alone (the vote-distribution head), 0 the second (the hard-label
+    head); values between trade agreement with one labelling against the other.
+    """
+
+    def __init__(self, net: nn.Module, k: int, mix: float = 1.0):
+        super().__init__()
+        self.net, self.k, self.mix = net, int(k), float(mix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x).float()
+        a, b = z[:, : self.k].softmax(1), z[:, self.k :].softmax(1)
+        return torch.log((self.mix * a + (1 - self.mix) * b).clamp_min(1e-12))
+
+
+def two_heads(args: TrainArgs) -> bool:
+    return bool(args.hard_label) and args.hard_mode == "head" and args.hard_weight > 0
+
+
+def model_from_checkpoint(ck: dict[str, Any], head_mix: float | None = None) -> tuple[nn.Module, PreprocessSpec, list[str]]:
+    """Rebuild the trained module (eval mode), its preprocessing and label order.
+
+    A two-head checkpoint comes back as a :class:`HeadMix` (``head_mix`` overrides the run's).
+    """
     if ck.get("format") != CKPT_FORMAT:
         raise ModelError(f"not a fer-batch checkpoint (format {ck.get('format')!r})")
     args = TrainArgs.from_dict(json.loads(ck["args"]))
     spec = PreprocessSpec.from_dict(json.loads(ck["preprocess"]))
     labels = list(ck["labels"])
-    model = _make_model(args, spec, len(labels))
+    k = len(labels)
+    model = _make_model(args, spec, 2 * k if two_heads(args) else k)
     model.load_state_dict(ck["model"])
+    if two_heads(args):
+        model = HeadMix(model, k, args.head_mix if head_mix is None else head_mix)
     return model.eval(), spec, labels
 
 
@@ -196,6 +229,8 @@ def _init_weights(model: nn.Module, args: TrainArgs, spec: PreprocessSpec) -> No
     src = args.init
     if not src:
         return
+    if src.startswith("onnx:"):
+        return  # done in main() once the data is loaded (needs calibration images)
     if src in ("mini_xception_fer", "baseline"):
         from fer_batch.convert.mini_xception import baseline_state_dict
 
@@ -286,17 +321,39 @@ def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, batch_si
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: PreprocessSpec, tta: bool = False, **kw) -> dict[str, Any]:
-    """Metrics of ``model`` (outputs in EMOTIONS order) on ``ds``."""
+    """Metrics of ``model`` (outputs in EMOTIONS order) on ``ds`` (labelled rows; NLL/ECE with votes)."""
     probs = predict(model, ds.images, spec, tta=tta, **kw)
-    return metrics_from(ds.labels, probs.argmax(1))
+    lab = ds.labels >= 0
+    m = metrics_from(ds.labels[lab], probs[lab].argmax(1))
+    if ds.targets is not None:
+        m.update({k: v for k, v in vote_metrics(probs, ds.targets).items() if k != "reliability"})
+    return m
+
+
+def _soft_ce(logits: torch.Tensor, y_soft: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy against distributions; class ``weights`` re-weight each class's share."""
+    per = -(y_soft * logits.log_softmax(1))
+    if weights is None:
+        return per.sum(1).mean()
+    w = weights.to(logits.device)
+    return (per * w).sum() / (y_soft * w).sum().clamp_min(1e-12)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                     spec: PreprocessSpec, aug: AugmentConfig, args: TrainArgs, gen: torch.Generator, step0: int,
                     total_steps: int, loss_weights: torch.Tensor | None, sample_weights: torch.Tensor | None,
-                    device: torch.device, dtype: torch.dtype | None, scaler, on_step: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """One pass over ``images`` (uint8 (N, C, H, W)) with augmentation; per-step LR schedule."""
+                    device: torch.device, dtype: torch.dtype | None, scaler, on_step: Callable[[dict], None] | None = None,
+                    targets: torch.Tensor | None = None, aux: torch.Tensor | None = None,
+                    aux_weights: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over ``images`` (uint8 (N, C, H, W)) with augmentation; per-step LR schedule.
+
+    ``targets`` (N, K) are label distributions (vote data) used instead of one-hot ``labels``;
+    ``aux`` (N,) a second hard label (-1 unknown), learnt by a second head (``hard_mode=head``)
+    or mixed into the target (``hard_mode=target``) with weight ``args.hard_weight``.
+    """
     model.train()
+    k = len(EMOTIONS)
+    heads = two_heads(args) and aux is not None
     n = images.shape[0]
     if sample_weights is not None:
         order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
@@ -307,7 +364,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.
         steps = min(steps, args.max_steps_per_epoch)
     steps = max(steps, 1)
     warm = int(args.warmup_epochs * steps)
-    tot_loss, tot_ok, tot_n = 0.0, 0, 0
+    tot_loss, tot_ok, tot_n, tot_lab = 0.0, 0, 0, 0
     t0 = time.time()
     for s in range(steps):
         f = lr_factor(step0 + s, total_steps, warm, args.min_lr_ratio)
@@ -316,24 +373,40 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.
         idx = order[s * args.batch_size : (s + 1) * args.batch_size]
         x = train_batch(images[idx], spec, aug, gen)
         y = labels[idx]
-        y_soft = F.one_hot(y, len(EMOTIONS)).float()
+        y_soft = targets[idx].float() if targets is not None else F.one_hot(y.clamp_min(0), k).float()
+        if args.label_smoothing > 0:
+            y_soft = y_soft * (1 - args.label_smoothing) + args.label_smoothing / k
+        y_aux = None
+        if aux is not None and args.hard_weight > 0:
+            a = aux[idx]
+            known = (a >= 0).float()[:, None]
+            onehot = F.one_hot(a.clamp_min(0), k).float() * known
+            if args.label_smoothing > 0:
+                onehot = (onehot * (1 - args.label_smoothing) + args.label_smoothing / k) * known
+            if heads:
+                y_aux = onehot
+            else:  # target mode: (1 - w) * distribution + w * one-hot, where the hard label is known
+                w = args.hard_weight * known
+                y_soft = (1 - w) * y_soft + w * onehot
         if aug.mixup > 0 or aug.cutmix > 0:
-            x, y_soft = mix(x, y_soft, aug, gen)
+            if y_aux is not None:
+                y_both = torch.cat([y_soft, y_aux], 1)
+                x, y_both = mix(x, y_both, aug, gen)
+                y_soft, y_aux = y_both[:, :k], y_both[:, k:]
+            else:
+                x, y_soft = mix(x, y_soft, aug, gen)
         x, y_soft = x.to(device), y_soft.to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
         logits = logits.float()
-        if args.label_smoothing > 0:
-            y_soft = y_soft * (1 - args.label_smoothing) + args.label_smoothing / len(EMOTIONS)
-        logp = logits.log_softmax(1)
-        per = -(y_soft * logp)
-        if loss_weights is not None:
-            per = per * loss_weights.to(device)
-            loss = per.sum() / (y_soft * loss_weights.to(device)).sum()
-        else:
-            loss = per.sum(1).mean()
+        loss = _soft_ce(logits[:, :k], y_soft, loss_weights)
+        if y_aux is not None:
+            y_aux = y_aux.to(device)
+            has = y_aux.sum(1) > 0
+            if has.any():
+                loss = loss + args.hard_weight * _soft_ce(logits[has][:, k:], y_aux[has], aux_weights)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -345,11 +418,43 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step0 + s}; lower --lr")
         tot_loss += loss.item() * len(y)
-        tot_ok += int((logits.argmax(1).cpu() == y).sum())
+        lab = y >= 0
+        tot_ok += int((logits[:, :k].argmax(1).cpu()[lab] == y[lab]).sum())
+        tot_lab += int(lab.sum())
         tot_n += len(y)
         if on_step is not None:
-            on_step({"step": s + 1, "steps": steps, "loss": tot_loss / tot_n, "acc": tot_ok / tot_n, "lr": args.lr * f, "img_s": tot_n / max(1e-9, time.time() - t0)})
-    return {"train_loss": tot_loss / max(1, tot_n), "train_acc": tot_ok / max(1, tot_n), "steps": steps, "seconds": time.time() - t0}
+            on_step({"step": s + 1, "steps": steps, "loss": tot_loss / tot_n, "acc": tot_ok / max(1, tot_lab), "lr": args.lr * f, "img_s": tot_n / max(1e-9, time.time() - t0)})
+    return {"train_loss": tot_loss / max(1, tot_n), "train_acc": tot_ok / max(1, tot_lab), "steps": steps, "seconds": time.time() - t0}
+
+
+def vote_metrics(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Agreement with annotators' vote distributions (rows of ``targets`` sum to 1).
+
+    ``nll``: mean cross-entropy of the vote distribution under the model (lower is better; the
+    distribution's own entropy is the floor). ``ece``: over ``bins`` equal-width bins of the top
+    probability, the weighted mean of |mean top probability - mean share of annotators who chose
+    that top label|; a model that outputs exactly the vote distribution has 0. ``reliability``:
+    per bin (lower edge, count, mean confidence, mean annotator share).
+    """
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
+    t = np.asarray(targets, np.float64)
+    nll = float(-(t * np.log(p)).sum(1).mean())
+    top = p.argmax(1)
+    conf = p[np.arange(len(p)), top]
+    share = t[np.arange(len(t)), top]
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    ece, rel = 0.0, []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            gap = abs(conf[m].mean() - share[m].mean())
+            ece += m.mean() * gap
+            rel.append({"bin": round(float(edges[b]), 4), "n": int(m.sum()), "confidence": round(float(conf[m].mean()), 4),
+                        "agreement": round(float(share[m].mean()), 4)})
+        else:
+            rel.append({"bin": round(float(edges[b]), 4), "n": 0, "confidence": None, "agreement": None})
+    return {"nll": nll, "ece": float(ece), "reliability": rel}
 
 
 # ---------------------------------------------------------------- main
@@ -389,9 +494,19 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
 
     # --- data (decoded once) ---
     t0 = time.time()
-    full = load_dataset(args.data, spec.size, "gray" if spec.colour == "gray" else "rgb", args.drop_unknown)
+    if args.hard_mode not in ("head", "target"):
+        raise ConfigError(f"--hard-mode: expected head|target, got {args.hard_mode!r}")
+    if not 0.0 <= args.hard_weight <= (1.0 if args.hard_mode == "target" else 10.0):
+        raise ConfigError(f"--hard-weight {args.hard_weight} out of range for --hard-mode {args.hard_mode}")
+    if not 0.0 <= args.head_mix <= 1.0:
+        raise ConfigError(f"--head-mix must be in [0, 1], got {args.head_mix}")
+    colour = "gray" if spec.colour == "gray" else "rgb"
+    full = load_dataset(args.data, spec.size, colour, args.drop_unknown, where=args.where, hard_label=args.hard_label)
+    if args.hard_label and full.targets is None:
+        raise ConfigError("--hard-label combines a hard label with vote columns; DATA has no vote columns")
     if args.val:
-        train_ds, val_ds = full, load_dataset(args.val, spec.size, "gray" if spec.colour == "gray" else "rgb", args.drop_unknown)
+        val_ds = load_dataset(args.val, spec.size, colour, args.drop_unknown, where=args.val_where, hard_label=args.hard_label)
+        train_ds = full
     else:
         check_trainable(full)
         train_ds, val_ds = split_train_val(full, args.val_fraction, args.seed)
@@ -399,18 +514,33 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
     counts = train_ds.class_counts()
     log.info("data: train %d, val %d (decoded in %.1fs); class counts %s", len(train_ds), len(val_ds), time.time() - t0,
              dict(zip(EMOTIONS, counts.tolist())))
+    if train_ds.targets is not None:
+        log.info("vote data: %d of %d training rows have a majority label; soft targets for all", int((train_ds.labels >= 0).sum()), len(train_ds))
     images = torch.from_numpy(np.ascontiguousarray(train_ds.images.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(train_ds.labels)
+    targets = torch.from_numpy(train_ds.targets) if train_ds.targets is not None else None
+    aux = torch.from_numpy(train_ds.aux) if (train_ds.aux is not None and args.hard_weight > 0) else None
     lw = class_weights(counts, args.class_balance)
+    aw = None
+    if aux is not None:
+        aw = class_weights(np.bincount(train_ds.aux[train_ds.aux >= 0], minlength=len(EMOTIONS)), args.class_balance)
     sw = None
     if args.class_balance == "sampler":
-        sw = torch.tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[labels]
+        cls = train_ds.targets.argmax(1) if train_ds.targets is not None else train_ds.labels
+        sw = torch.tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[torch.from_numpy(cls)]
     elif args.class_balance not in ("none", "sqrt", "inverse"):
         raise ConfigError(f"--class-balance: expected none|sqrt|inverse|sampler, got {args.class_balance!r}")
 
     # --- model / optimiser ---
-    model = _make_model(args, spec, len(EMOTIONS))
+    model = _make_model(args, spec, 2 * len(EMOTIONS) if two_heads(args) else len(EMOTIONS))
     _init_weights(model, args, spec)
+    if args.init and args.init.startswith("onnx:") and not resume:
+        from fer_batch.train.onnx_init import init_vgg_from_onnx, resolve_onnx
+
+        onnx_path, member = resolve_onnx(args.init[5:])
+        pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed))[:2048].numpy()
+        calib = torch.from_numpy(prepare(train_ds.images[pick], spec))
+        init_vgg_from_onnx(model, onnx_path, member, calib)
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -472,12 +602,21 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
                     log.info("epoch %d step %d/%d %s", epoch + 1, m["step"], m["steps"], info)
 
             tr = train_one_epoch(model, opt, images, labels, spec, aug, args, gen, epoch * steps_per_epoch, total_steps,
-                                 lw, sw, device, dtype, scaler, on_step)
+                                 lw, sw, device, dtype, scaler, on_step, targets=targets, aux=aux, aux_weights=aw)
             t_ev = time.time()
-            vm = evaluate(model, val_ds, spec, tta=args.eval_tta, device=device, dtype=dtype, channels_last=args.channels_last)
+            evm = HeadMix(model, len(EMOTIONS), 1.0) if two_heads(args) else model
+            vm = evaluate(evm, val_ds, spec, tta=args.eval_tta, device=device, dtype=dtype, channels_last=args.channels_last)
             row = {"epoch": epoch + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in tr.items()},
                    "val_acc": round(vm["accuracy"], 5), "val_macro_f1": round(vm["macro_f1"], 5), "eval_s": round(time.time() - t_ev, 1),
                    "frozen": frozen, "time": time.strftime("%H:%M:%S")}
+            for key in ("nll", "ece"):
+                if key in vm:
+                    row[f"val_{key}"] = round(vm[key], 5)
+            if two_heads(args) and val_ds.aux is not None:
+                hm = HeadMix(model, len(EMOTIONS), 0.0)
+                pa = predict(hm, val_ds.images, spec, device=device, dtype=dtype, channels_last=args.channels_last).argmax(1)
+                ka = val_ds.aux >= 0
+                row["val_acc_hard_head"] = round(float((pa[ka] == val_ds.aux[ka]).mean()), 5)
             history.append(row)
             improved = vm["macro_f1"] > best_f1
             if improved:
@@ -511,7 +650,9 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
             with open(out / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             msg = (f"epoch {epoch + 1}/{planned_epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} | "
-                   f"val acc {vm['accuracy']:.4f} macro-F1 {vm['macro_f1']:.4f}{' *' if improved else ''} | {tr['seconds']:.0f}s")
+                   f"val acc {vm['accuracy']:.4f} macro-F1 {vm['macro_f1']:.4f}{' *' if improved else ''}"
+                   + (f" nll {vm['nll']:.3f}" if "nll" in vm else "") + (f" hard-head acc {row['val_acc_hard_head']:.4f}" if "val_acc_hard_head" in row else "")
+                   + f" | {tr['seconds']:.0f}s")
             if progress:
                 progress.console.print(msg)
                 progress.remove_task(task)
