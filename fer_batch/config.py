@@ -59,6 +59,11 @@ class SamplingConfig:
     max_frames: int | None = field(default=None, metadata=opt("max_frames"))
     images_as: str = field(default="files", metadata=opt("images_as"))  # files: each image its own source; sequence: a folder is one video
     image_fps: float = field(default=1.0, metadata=opt("image_fps"))
+    # video decoder backend: auto (PyAV for sparse sampling, decord for dense) | pyav | decord
+    decoder: str = field(default="auto", metadata=opt("decoder"))
+    # decoded pixels per video frame at most; larger streams are scaled down in the decoder
+    # (default: DCI 4K, 4096x2160). Higher keeps smaller faces of 8K video and costs memory.
+    max_frame_pixels: int = field(default=4096 * 2160, metadata=opt("max_frame_pixels"))
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
@@ -73,6 +78,10 @@ class SamplingConfig:
             raise ConfigError(f"--images-as: expected files|sequence, got {self.images_as!r}")
         if self.image_fps <= 0:
             raise ConfigError(f"--image-fps must be > 0, got {self.image_fps}")
+        if self.decoder not in ("auto", "pyav", "decord"):
+            raise ConfigError(f"--decoder: expected auto|pyav|decord, got {self.decoder!r}")
+        if self.max_frame_pixels < 64 * 64:
+            raise ConfigError(f"--max-frame-pixels must be >= 4096, got {self.max_frame_pixels}")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ def process(
     max_frames: Optional[int] = typer.Option(None, help="At most this many sampled frames per source."),
     images_as: str = typer.Option("files", help="files: each image is a source; sequence: a folder is one video."),
     image_fps: float = typer.Option(1.0, help="Frame rate of image sequences."),
+    decoder: str = typer.Option("auto", help="Video decoder: auto (PyAV for sparse sampling, decord for dense) | pyav | decord."),
+    max_frame_pixels: int = typer.Option(4096 * 2160, help="Decoded pixels per video frame at most; larger videos are scaled down while decoding."),
     det_pack: Optional[str] = typer.Option(None, help="InsightFace pack directory (e.g. ~/.insightface/models/buffalo_l); default: the shipped pack."),
     det_size: str = typer.Option("640", help="Detector input, N or WxH, multiples of 32 (larger finds smaller faces, slower)."),
     det_thresh: float = typer.Option(0.5, help="Detection score threshold (higher: fewer false faces, more misses)."),
@@ -98,7 +100,7 @@ def process(
     try:
         cfg = config_from_options(
             fps=fps, every=every, start=start, end=end, max_frames=max_frames, images_as=images_as,
-            image_fps=image_fps, det_pack=det_pack, det_size=det_size, det_thresh=det_thresh, min_face=min_face,
+            image_fps=image_fps, decoder=decoder, max_frame_pixels=max_frame_pixels, det_pack=det_pack, det_size=det_size, det_thresh=det_thresh, min_face=min_face,
             model=model, batch_size=batch_size, device=device, smooth=smooth, reid=reid, runner=runner,
             ray_address=ray_address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker, segment_seconds=segment_seconds, threads=threads, models_dir=models_dir,
