@@ -3,7 +3,10 @@
 The card drives everything: which file (sha256-verified at setup), how crops are made from
 landmarks (``preprocess.align_template``), how crops become the tensor (``preprocess``), the
 label order of the outputs (mapped onto ``fer_batch.types.EMOTIONS``), and whether flip
-test-time augmentation is on by default (``preprocess.tta``; ``ClassifyConfig.tta`` overrides).
+test-time augmentation is on by default (``preprocess.tta``; ``ClassifyConfig.tta`` overrides),
+and the fitted temperature (``calibration.temperature``) that turns the model's probabilities
+into calibrated ones, ``p_i ~ p_i ** (1 / T)`` renormalised (the same as dividing the logits
+by T). Everything that classifies (process, evaluate, the Ray workers) goes through here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from fer_batch.types import EMOTIONS
 log = logging.getLogger(__name__)
 
 
+def apply_temperature(p: np.ndarray, t: float) -> np.ndarray:
+    """Probabilities (N, K) with their logits divided by ``t`` (> 1 softens, < 1 sharpens)."""
+    z = np.log(np.clip(p.astype(np.float64), 1e-12, 1.0)) / t
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
 class EmotionClassifier:
     """Emotion classifier over an ONNX model registered with a card.
 
@@ -34,10 +45,13 @@ class EmotionClassifier:
             None follows the card).
         threads: ONNX Runtime intra-op threads (0 = its default).
         models_dir: the registry directory (None: the default pack).
+        calibrated: apply the card's temperature (False only to measure calibration itself).
     """
 
-    def __init__(self, cfg: ClassifyConfig, threads: int = 0, models_dir: str | None = None):
+    def __init__(self, cfg: ClassifyConfig, threads: int = 0, models_dir: str | None = None, calibrated: bool = True):
         self.cfg = cfg
+        self.calibrated = bool(calibrated)
+        self._temperature = 1.0
         self.threads = int(threads)
         self.models_dir = models_dir
         self.card: ModelCard | None = None
@@ -75,8 +89,13 @@ class EmotionClassifier:
         self._order = np.asarray(card.label_index(), np.int64)
         self._tta = spec.tta if self.cfg.tta is None else bool(self.cfg.tta)
         self._softmax = str(card.input.get("output", "probs")) == "logits"
+        t = float((card.calibration or {}).get("temperature", 1.0)) if self.calibrated else 1.0
+        if not (t > 0 and np.isfinite(t)):
+            raise ModelError(f"{card.card_path}: calibration.temperature must be a positive number, got {t}")
+        self._temperature = t
         self._info = {"name": card.name, "file": str(card.path), "sha256": card.sha256,
-                      "provider": checked_provider(sess, self.cfg.device, device, "emotion classifier"), "tta": self._tta, "device": device}
+                      "provider": checked_provider(sess, self.cfg.device, device, "emotion classifier"), "tta": self._tta, "device": device,
+                      "temperature": t}
         log.info("emotion model %s on %s (tta=%s)", card.name, self._info["provider"], self._tta)
 
     def crops(self, image_bgr: np.ndarray, kps: np.ndarray) -> np.ndarray:
@@ -105,6 +124,8 @@ class EmotionClassifier:
             p = self._run(x)
             if self._tta:
                 p = 0.5 * (p + self._run(np.ascontiguousarray(x[..., ::-1])))
+            if self._temperature != 1.0:
+                p = apply_temperature(p, self._temperature)
             out[i : i + bs][:, self._order] = p
         return out
 

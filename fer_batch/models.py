@@ -23,7 +23,7 @@ import yaml
 from fer_batch.errors import ModelError
 from fer_batch.types import EMOTIONS
 
-TASKS = ("face_detection", "emotion_classification", "face_recognition")
+TASKS = ("face_detection", "emotion_classification", "face_recognition", "face_embedding")
 FORMATS = ("onnx",)
 REQUIRED_FIELDS = ("name", "task", "format", "file", "sha256", "input", "licence", "provenance", "metrics")
 
@@ -70,6 +70,7 @@ class ModelCard:
     default: bool = False
     description: str = ""
     recipe: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
     card_path: Path | None = None
     path: Path | None = None
 

@@ -21,30 +21,6 @@ TINY_ARCH = {"name": "vgg", "widths": [8, 16], "depth": 1, "dropout": 0.0}
 PRE = {"size": 48, "crop": 40, "colour": "gray", "mean": [0.5], "std": [0.5]}
 
 
-@pytest.fixture(scope="module")
-def face_crops() -> tuple[np.ndarray, np.ndarray]:
-    """The 6 faces of insightface's t1.jpg, aligned to the FER2013 framing (48x48 gray), left to right,
-    and whether each one smiles broadly (the 2nd and 4th from the left)."""
-    import insightface
-
-    from fer_batch.config import DetectConfig
-    from fer_batch.detect import FaceDetector
-    from fer_batch.models import Registry
-    from fer_batch.preprocess import PreprocessSpec, align_crop
-    from fer_batch.types import Frame
-
-    img = insightface.data.get_image("t1")
-    det = FaceDetector(DetectConfig(), threads=1)
-    det.setup()
-    fd = det(Frame(0, 0.0, img))
-    order = np.argsort(fd.xyxy[:, 0])
-    spec = PreprocessSpec.from_card(Registry.from_dir(REPO / "models").get("mini_xception_fer"))
-    spec48 = PreprocessSpec(size=48, template=spec.template, template_size=spec.template_size)
-    crops = align_crop(img, fd.kps[order], spec48)
-    gray = np.stack([cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in crops])
-    return gray, np.array([False, True, False, True, False, False])
-
-
 def _variants(g: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
     """Real-face variants: flips, small shifts, brightness changes (all distinct pixels)."""
     rng = np.random.default_rng(seed)

@@ -130,7 +130,10 @@ def evaluate(
     detect: bool = typer.Option(False, "--detect", help="Images are photos, not face crops: detect + align with the pipeline's code (no face = wrong)."),
     exclude_dups_of: str = typer.Option(None, "--exclude-duplicates-of", help="Drop images whose pixels (pixel_md5) also occur in this DATA (e.g. the training set)."),
     json_out: Path = typer.Option(None, "--json", help="Write all metrics as JSON."),
-    png: Path = typer.Option(None, "--png", help="Confusion-matrix PNG (default with --json: beside it)."),
+    png: Path = typer.Option(None, "--png", help="Confusion-matrix PNG (default with --json: beside it); vote data adds a reliability diagram beside it."),
+    where: str = typer.Option(None, "--where", help="Parquet only: evaluate rows where COLUMN=V1[,V2] (e.g. fer_usage=PrivateTest)."),
+    predictions: Path = typer.Option(None, "--predictions", help="Write one row per image (row, label, p_<emotion>) to this Parquet file."),
+    calibrated: bool = typer.Option(True, "--calibrated/--uncalibrated", help="Apply the card's fitted temperature (default) or not."),
     batch_size: int = typer.Option(256, "--batch-size"),
     threads: int = typer.Option(0, "--threads"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] | auto"),
@@ -146,7 +149,8 @@ def evaluate(
 
     try:
         m = run(model, data, tta=tta, detect=detect, exclude_dups_of=exclude_dups_of, batch_size=batch_size, threads=threads,
-                device=device, models_dir=str(models_dir) if models_dir else None, drop_unknown=drop_unknown, limit=limit, det_size=det_size, every=every)
+                device=device, models_dir=str(models_dir) if models_dir else None, drop_unknown=drop_unknown, limit=limit, det_size=det_size, every=every,
+                where=where, predictions=predictions, calibrated=calibrated)
         if json_out and png is None:
             png = json_out.with_suffix(".confusion.png")
         write_outputs(m, json_out, png)
@@ -167,6 +171,7 @@ def export(
     detect_metrics: bool = typer.Option(False, "--detect-metrics", help="With --test: also measure the detect+align path."),
     default: bool = typer.Option(False, "--default", help="Mark the new card as the default emotion model (unmarks the others)."),
     description: str = typer.Option("", "--description"),
+    head_mix: float = typer.Option(None, "--head-mix", help="Two-head checkpoints: output = mix x P(vote head) + (1-mix) x P(hard-label head) (default: the run's)."),
     threads: int = typer.Option(2, "--threads", help="Threads for the faces/s measurement."),
 ) -> None:
     """Export a checkpoint (or an ensemble of several) to ONNX (dynamic batch) with a PyTorch parity check, and write its model card."""
@@ -179,7 +184,8 @@ def export(
 
     try:
         mdir = Path(models_dir) if models_dir else default_models_dir()
-        card_path = do_export(ckpt, name, mdir, fp16=fp16, tta=tta, store_fp16=store_fp16, default=False, description=description)
+        card_path = do_export(ckpt, name, mdir, fp16=fp16, tta=tta, store_fp16=store_fp16, default=False, description=description,
+                              head_mix=head_mix)
         if test:
             card_path = _measure_card(card_path, test, train_data, detect_metrics, threads)
         card = yaml.safe_load(card_path.read_text())
@@ -254,7 +260,30 @@ def _make_default(mdir: Path, name: str) -> None:
         p.write_text(text)
 
 
+def calibrate(
+    model: str = typer.Argument(..., help="A registered emotion model name or card path."),
+    data: str = typer.Argument(..., help="Vote data (Parquet with one vote column per emotion, e.g. FER+)."),
+    where: str = typer.Option(None, "--where", help="Rows to fit on, e.g. fer_usage=PublicTest (never the test split)."),
+    threads: int = typer.Option(0, "--threads"),
+    models_dir: Path = typer.Option(None, "--models-dir", envvar="FER_BATCH_MODELS_DIR"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the fit; leave the card unchanged."),
+) -> None:
+    """Fit the temperature that makes p_* match annotators' vote shares; store it in the model card."""
+    _passive_omp()
+    import yaml
+
+    from fer_batch.train.calibrate import calibrate as do_calibrate
+
+    try:
+        cal = do_calibrate(model, data, where=where, models_dir=str(models_dir) if models_dir else None, threads=threads, write=not dry_run)
+    except FerBatchError as e:
+        _fail(e)
+    typer.echo(yaml.safe_dump({"calibration": cal}, sort_keys=False, width=110))
+
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("export")(export)
+    app.command("calibrate")(calibrate)

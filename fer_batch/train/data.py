@@ -92,13 +92,15 @@ class ImageDataset:
     report: LoadReport
     targets: np.ndarray | None = None
     aux: np.ndarray | None = None
+    rows: np.ndarray | None = None  # each image's row in the source file (Parquet), for --predictions
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, idx: np.ndarray) -> "ImageDataset":
         return ImageDataset(self.images[idx], self.labels[idx], self.keys[idx], self.report,
-                            None if self.targets is None else self.targets[idx], None if self.aux is None else self.aux[idx])
+                            None if self.targets is None else self.targets[idx], None if self.aux is None else self.aux[idx],
+                            None if self.rows is None else self.rows[idx])
 
     def class_counts(self) -> np.ndarray:
         """Images per class; for vote data the summed distributions (soft counts)."""
@@ -278,8 +280,10 @@ def load_parquet(path: Path, size: int, colour: str, drop_unknown: bool, where: 
     except Exception as e:
         raise DataError(f"{path}: cannot read columns {want}: {e}") from e
     report = LoadReport(str(path))
+    rows = np.arange(table.num_rows)
     if flt:
         keep = np.array([str(v) in flt[1] for v in table.column(flt[0]).to_pylist()], bool)
+        rows = np.flatnonzero(keep)
         report.filtered = int((~keep).sum())
         table = table.filter(keep)
         if table.num_rows == 0:
@@ -308,7 +312,9 @@ def load_parquet(path: Path, size: int, colour: str, drop_unknown: bool, where: 
                 report.corrupt.append(f"row {i}")
         images.append(img)
         keys.append(md5s[i] if md5s else _md5(img))
-    return _finish(images, labels, keys, report, ok=ok, targets=targets, aux=aux)
+    ds = _finish(images, labels, keys, report, ok=ok, targets=targets, aux=aux)
+    ds.rows = rows[np.array([im is not None for im in images], bool) & ok]
+    return ds
 
 
 def load_csv(path: Path, size: int, colour: str, drop_unknown: bool) -> ImageDataset:
@@ -409,6 +415,10 @@ def check_trainable(train: ImageDataset, val: ImageDataset | None = None) -> Non
         raise DataError(f"{train.report.source}: only one class present ({sorted(present)}); need at least two")
     if val is not None:
         vp = val.present()
+        if train.targets is not None or val.targets is not None:  # distributions: any class may carry a little mass
+            if vp - present:
+                log.warning("validation votes name classes the training votes never do: %s", sorted(vp - present))
+            return
         if vp != present:
             raise DataError(
                 f"label sets differ between train ({sorted(present)}) and validation ({sorted(vp)}): "

@@ -1,5 +1,11 @@
 """``fer-batch evaluate``: metrics of a registered model, an ONNX file with its card, or a checkpoint.
 
+Vote data (one vote column per emotion, e.g. FER+): the label for accuracy is the majority
+(see :mod:`fer_batch.train.data`); rows without one are left out of the accuracy and counted
+(``no_majority``). ``nll`` and ``ece`` measure agreement with the annotators' distribution on
+the same rows (``nll_all`` / ``ece_all``: on every row with votes); see
+:func:`fer_batch.train.engine.vote_metrics`.
+
 Plain mode feeds the dataset's images as face crops through the card's preprocessing (exactly
 what the pipeline does after alignment). ``detect`` mode treats every image as a photo: the
 project's face detector finds the main face, the crop is aligned with the card's template by
@@ -21,7 +27,7 @@ import numpy as np
 from fer_batch.config import ClassifyConfig, DetectConfig
 from fer_batch.errors import DataError
 from fer_batch.train.data import ImageDataset, load_dataset
-from fer_batch.train.engine import metrics_from
+from fer_batch.train.engine import metrics_from, vote_metrics
 from fer_batch.types import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -58,12 +64,14 @@ class CheckpointClassifier:
         pass
 
 
-def open_classifier(model: str, tta: bool | None, batch_size: int, threads: int, device: str, models_dir: str | None):
+def open_classifier(model: str, tta: bool | None, batch_size: int, threads: int, device: str, models_dir: str | None,
+                    calibrated: bool = True):
     if str(model).endswith(".pt"):
         return CheckpointClassifier(model, tta, batch_size)
     from fer_batch.classify import EmotionClassifier
 
-    c = EmotionClassifier(ClassifyConfig(model=model, batch_size=batch_size, device=device, tta=tta), threads=threads, models_dir=models_dir)
+    c = EmotionClassifier(ClassifyConfig(model=model, batch_size=batch_size, device=device, tta=tta), threads=threads, models_dir=models_dir,
+                          calibrated=calibrated)
     c.setup()
     return c
 
@@ -74,11 +82,15 @@ def _colour_for(clf) -> str:
 
 def run(model: str, data: str, tta: bool | None = None, detect: bool = False, exclude_dups_of: str | None = None,
         batch_size: int = 256, threads: int = 0, device: str = "cpu", models_dir: str | None = None,
-        drop_unknown: bool = False, limit: int = 0, det_size: int = 320, every: int = 1) -> dict[str, Any]:
-    """Evaluate; returns the metrics dict (also the model info, data, timing)."""
-    clf = open_classifier(model, tta, batch_size, threads, device, models_dir)
+        drop_unknown: bool = False, limit: int = 0, det_size: int = 320, every: int = 1, where: str | None = None,
+        predictions: str | Path | None = None, calibrated: bool = True) -> dict[str, Any]:
+    """Evaluate; returns the metrics dict (also the model info, data, timing).
+
+    ``calibrated`` False ignores the card's temperature (to measure calibration itself).
+    """
+    clf = open_classifier(model, tta, batch_size, threads, device, models_dir, calibrated)
     size = 0 if detect else clf.spec.size
-    ds = load_dataset(data, size, "bgr" if detect else _colour_for(clf), drop_unknown)
+    ds = load_dataset(data, size, "bgr" if detect else _colour_for(clf), drop_unknown, where=where)
     excluded = 0
     if exclude_dups_of:
         ref = load_dataset(exclude_dups_of, 48, "gray", drop_unknown=True)
@@ -93,16 +105,67 @@ def run(model: str, data: str, tta: bool | None = None, detect: bool = False, ex
         raise DataError(f"{data}: no images to evaluate")
     t0 = time.time()
     if detect:
-        pred = _predict_detect(clf, ds, threads, det_size)
+        probs = _predict_detect(clf, ds, threads, det_size)
     else:
         probs = clf(ds.images)
-        pred = probs.argmax(1)
+    pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
     dt = time.time() - t0
-    m = metrics_from(ds.labels, pred)
-    m.update({"model": clf.info, "data": str(data), "tta": clf.info.get("tta"), "detect": detect,
+    lab = ds.labels >= 0
+    m = metrics_from(ds.labels[lab], pred[lab])
+    m["no_majority"] = int((~lab).sum())
+    if ds.targets is not None:
+        have = ~np.isnan(probs).any(1)
+        v = vote_metrics(probs[lab & have], ds.targets[lab & have])
+        va = vote_metrics(probs[have], ds.targets[have])
+        m.update({"nll": v["nll"], "ece": v["ece"], "reliability": v["reliability"], "nll_all": va["nll"], "ece_all": va["ece"],
+                  "n_votes": int((lab & have).sum()), "n_votes_all": int(have.sum())})
+    if predictions:
+        write_predictions(Path(predictions), ds, probs)
+    m.update({"model": clf.info, "data": str(data), "where": where, "tta": clf.info.get("tta"), "detect": detect,
+              "temperature": clf.info.get("temperature", 1.0),
               "excluded_duplicates": excluded, "seconds": round(dt, 2), "images_per_s": round(len(ds) / max(dt, 1e-9), 1),
               "corrupt_skipped": len(ds.report.corrupt)})
     return m
+
+
+def write_predictions(path: Path, ds: ImageDataset, probs: np.ndarray) -> None:
+    """One row per evaluated image in the data's order: ``row`` (its row in DATA), ``label``, ``p_<emotion>``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"row": pa.array(ds.rows if ds.rows is not None else np.arange(len(ds)), pa.int64()),
+            "label": pa.array([EMOTIONS[i] if i >= 0 else None for i in ds.labels], pa.string())}
+    for j, e in enumerate(EMOTIONS):
+        cols[f"p_{e}"] = pa.array(probs[:, j], pa.float32())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+
+
+def reliability_png(rel: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Reliability diagram: mean top probability vs mean annotator agreement per bin (bar width ~ count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect agreement")
+    pts = [r for r in rel if r["n"]]
+    total = sum(r["n"] for r in pts) or 1
+    for r in pts:
+        ax.bar(r["bin"] + 1 / 30, r["agreement"], width=1 / 15 * 0.9, color="#4c78a8", alpha=0.3 + 0.7 * min(1.0, 5 * r["n"] / total))
+    ax.plot([r["confidence"] for r in pts], [r["agreement"] for r in pts], "o-", color="#e45756", label="mean per bin")
+    ax.set_xlabel("model's top probability")
+    ax.set_ylabel("share of annotators choosing that emotion")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title(title[:70], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _predict_detect(clf, ds: ImageDataset, threads: int, det_size: int) -> np.ndarray:
@@ -119,11 +182,11 @@ def _predict_detect(clf, ds: ImageDataset, threads: int, det_size: int) -> np.nd
             continue
         crops.append(clf.crops(canvas, r[0][None])[0])
         where.append(i)
-    pred = np.full(len(ds), -1, np.int64)
+    probs = np.full((len(ds), len(EMOTIONS)), np.nan, np.float32)
     if crops:
-        pred[np.asarray(where)] = clf(np.stack(crops)).argmax(1)
+        probs[np.asarray(where)] = clf(np.stack(crops))
     log.info("detect: %d of %d images had a face", len(where), len(ds))
-    return pred
+    return probs
 
 
 def confusion_png(cm: list[list[int]], path: Path, title: str = "") -> None:
@@ -150,9 +213,13 @@ def confusion_png(cm: list[list[int]], path: Path, title: str = "") -> None:
 
 
 def format_report(m: dict[str, Any]) -> str:
-    lines = [f"accuracy: {m['accuracy']:.4f}", f"macro_f1: {m['macro_f1']:.4f}",
-             f"n: {m['n']}  tta: {m.get('tta')}  detect: {m.get('detect')}  no_face: {m.get('no_prediction', 0)}  excluded_duplicates: {m.get('excluded_duplicates', 0)}",
-             "", f"{'class':10s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'support':>8s}"]
+    lines = [f"accuracy: {m['accuracy']:.4f}", f"macro_f1: {m['macro_f1']:.4f}"]
+    if "nll" in m:
+        lines += [f"nll: {m['nll']:.4f}", f"ece: {m['ece']:.4f}",
+                  f"(vote agreement on the {m['n_votes']} majority rows; on all {m['n_votes_all']} rows with votes: nll {m['nll_all']:.4f}, ece {m['ece_all']:.4f})"]
+    lines += [f"n: {m['n']}  tta: {m.get('tta')}  detect: {m.get('detect')}  no_face: {m.get('no_prediction', 0)}  "
+              f"no_majority: {m.get('no_majority', 0)}  excluded_duplicates: {m.get('excluded_duplicates', 0)}  temperature: {m.get('temperature', 1.0)}",
+              "", f"{'class':10s} {'precision':>9s} {'recall':>7s} {'f1':>6s} {'support':>8s}"]
     for name, r in m["per_class"].items():
         lines.append(f"{name:10s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} {r['support']:8d}")
     lines += ["", "confusion (rows true, cols predicted: " + " ".join(e[:3] for e in EMOTIONS) + ")"]
@@ -161,9 +228,13 @@ def format_report(m: dict[str, Any]) -> str:
 
 
 def write_outputs(m: dict[str, Any], json_path: Path | None, png_path: Path | None) -> None:
+    """JSON of every metric; the confusion matrix PNG and, for vote data, a reliability diagram beside it."""
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(m, indent=2, default=str))
     if png_path:
         png_path.parent.mkdir(parents=True, exist_ok=True)
         confusion_png(m["confusion"], png_path, f"{m['model'].get('name')}  acc {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+        if m.get("reliability"):
+            rp = png_path.with_name(png_path.name.replace(".confusion", "") .removesuffix(".png") + ".reliability.png")
+            reliability_png(m["reliability"], rp, f"{m['model'].get('name')}  ece {m['ece']:.4f}  nll {m['nll']:.4f}")

@@ -22,6 +22,7 @@ from torch import nn
 from fer_batch.errors import ModelError
 from fer_batch.models import sha256_file
 from fer_batch.preprocess import PreprocessSpec, prepare
+from fer_batch.train.calibrate import portable
 from fer_batch.train.engine import TrainArgs, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,18 @@ class Ensemble(nn.Module):
         return torch.log(p.clamp_min(1e-12))
 
 
-def load_members(ckpts: list[str]) -> tuple[nn.Module, PreprocessSpec, list[str], list[dict[str, Any]]]:
-    """One checkpoint, or several as an ``Ensemble``; ModelError when they do not fit together."""
+def load_members(ckpts: list[str], head_mix: float | None = None) -> tuple[nn.Module, PreprocessSpec, list[str], list[dict[str, Any]]]:
+    """One checkpoint, or several as an ``Ensemble``; ModelError when they do not fit together.
+
+    ``head_mix`` sets the mix of two-head checkpoints (None: each run's own ``--head-mix``).
+    """
     if not ckpts:
         raise ModelError("export: no checkpoint given")
     models, cks = [], []
     spec0 = labels0 = None
     for c in ckpts:
         ck = load_checkpoint(c)
-        model, spec, labels = model_from_checkpoint(ck)
+        model, spec, labels = model_from_checkpoint(ck, head_mix)
         if spec0 is None:
             spec0, labels0 = spec, labels
         elif spec.to_dict() != spec0.to_dict() or labels != labels0:
@@ -154,14 +158,16 @@ def faces_per_second(path: Path, spec: PreprocessSpec, batch: int = 64, threads:
 
 
 def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = False, tta: bool = False, store_fp16: bool = False, template_from: str | None = "mini_xception_fer",
-           default: bool = False, metrics: dict[str, Any] | None = None, description: str = "", sample: np.ndarray | None = None) -> Path:
+           default: bool = False, metrics: dict[str, Any] | None = None, description: str = "", sample: np.ndarray | None = None,
+           head_mix: float | None = None) -> Path:
     """Write ``models_dir/NAME/emotion_NAME.onnx`` and ``models_dir/NAME.yaml``; return the card path.
 
     ``ckpt``: one checkpoint, or a list of them exported as one ensemble (mean probabilities).
     """
     ckpts = [ckpt] if isinstance(ckpt, (str, Path)) else [str(c) for c in ckpt]
-    model, spec, labels, cks = load_members(ckpts)
+    model, spec, labels, cks = load_members(ckpts, head_mix)
     member_args = [TrainArgs.from_dict(json.loads(ck["args"])) for ck in cks]
+    votes = any(a.hard_label or "ferplus" in Path(a.data).name.lower() for a in member_args)
     args = member_args[0]
     stored_half = store_fp16 and not fp16  # fp16 graphs already hold half weights
     onnx_path = models_dir / name / f"emotion_{name}{'_fp16' if fp16 else ''}.onnx"
@@ -194,13 +200,17 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
                   "range": "(pixel / 255 - mean) / std", "name": "input", "output": "probs"},
         "labels": list(labels),
         "preprocess": pre,
-        "licence": "MIT (fer-batch's part); trained on FER2013, research-use data: see provenance.data_note",
+        "licence": "MIT (fer-batch's part); trained on FER2013 images (research-use data), see provenance.data_note",
         "provenance": {
             "trained_by": "fer-batch train (this project)",
-            "data": args.data,
+            "data": sorted({Path(a.data).name for a in member_args}),
             "data_note": ("FER2013 (ICML 2013 challenge) is distributed for research use and these weights are derived "
-                          "from it. fer-batch's own part is MIT, but the dataset's terms may limit what a derived model "
+                          "from it" + (" (labels: Microsoft's FER+ crowd votes, MIT, and FER2013's own labels)" if votes else "")
+                          + ". fer-batch's own part is MIT, but the dataset's terms may limit what a derived model "
                           "may be used for (e.g. commercially): review them before deploying."),
+            **({"head_mix": head_mix if head_mix is not None else member_args[0].head_mix,
+                "head_mix_note": "two-head members: output = mix x P(vote head) + (1 - mix) x P(hard-label head)"}
+               if any(a.hard_label and a.hard_mode == "head" and a.hard_weight > 0 for a in member_args) else {}),
             **_member_provenance(ckpts, cks, member_args),
             "parity_max_abs_diff": float(f"{diff:.3g}"),
             "fp16": bool(fp16),
@@ -232,13 +242,13 @@ def _member_provenance(paths: list[str], cks: list[dict[str, Any]], member_args:
         return _member_facts(paths[0], cks[0])
     members = []
     for p, ck, a in zip(paths, cks, member_args):
-        members.append({"arch": a.arch, **_member_facts(p, ck), "recipe": a.command or "(no recorded command)"})
+        members.append({"arch": a.arch, **_member_facts(p, ck), "recipe": portable(a.command) if a.command else "(no recorded command)"})
     return {"ensemble": "mean of the members' softmax probabilities", "members": members,
             "train_seconds": sum(m["train_seconds"] for m in members)}
 
 
 def _recipe(member_args: list[TrainArgs]) -> str:
-    cmds = [a.command or "(checkpoint has no recorded command)" for a in member_args]
+    cmds = [portable(a.command) if a.command else "(checkpoint has no recorded command)" for a in member_args]
     return cmds[0] if len(cmds) == 1 else " && ".join(cmds) + "  # then: fer-batch export RUN1/best.pt RUN2/best.pt ..."
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from fer_batch.errors import ModelError
 
 log = logging.getLogger(__name__)
-_CONV = re.compile(r"members\.(\d+)/features/features\.(\d+)/Conv")
+_CONV = re.compile(r"members\.(\d+)/(?:net/)?features/features\.(\d+)/Conv")
 
 
 def resolve_onnx(ref: str) -> tuple[Path, int]:
