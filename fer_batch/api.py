@@ -11,13 +11,18 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fer_batch import __version__
 from fer_batch.config import OPTIONS, RunConfig, config_from_options
+from fer_batch.device import resolve_device
+from fer_batch.driver import execute
 from fer_batch.errors import ConfigError
-from fer_batch.pipeline import Hook, SourceResult, Stages
-from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, rows_to_table, tracks_table
+from fer_batch.io import discover
+from fer_batch.output import check_writable
+from fer_batch.pipeline import Hook
+from fer_batch.schema import TRACKS_SCHEMA, SourceRow, tracks_table
+from fer_batch.sink import TableSink
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class ProcessResult:
@@ -53,11 +58,12 @@ def run(
     hook: Hook | None = None,
     **options: Any,
 ) -> ProcessResult:
-    """Process inputs; write ``out`` (+ ``.sources`` / ``.tracks`` beside it) when given."""
-    from fer_batch.device import resolve_device
-    from fer_batch.io import discover
-    from fer_batch.output import RunOutputs, check_writable
+    """Process inputs; write ``out`` (+ ``.sources`` / ``.tracks`` beside it) when given.
 
+    Options are those of ``fer-batch process`` with underscores (see ``config.OPTIONS``), or
+    a whole ``cfg``. Hook steps: ``run_start``, the pipeline's (``source_start``, ``frame``...),
+    ``unit_done``, ``source_done``, and the Ray runner's (``ray_start``, ``worker_ready``...).
+    """
     t0 = time.perf_counter()
     if cfg is not None and options:
         raise ConfigError("pass either cfg or keyword options, not both")
@@ -71,46 +77,12 @@ def run(
     sources, not_processed = discover(list(inputs), cfg.sampling)
     if hook is not None:
         hook("run_start", {"sources": len(sources)})
-    rows: list[dict] = list(not_processed)
-    kept: list[pa.Table] = []
-
-    if cfg.runner == "ray":
-        from fer_batch.runners.ray import run_ray
-
-        return run_ray(sources, not_processed, out_s, cfg, device, hook=hook, t0=t0)
-
-    stages = Stages(cfg, device).setup()
-    models = stages.models_info()
-    outputs = RunOutputs(out_s, __version__, models, cfg.to_dict()) if out_s else None
-
-    def on_result(res: SourceResult) -> None:
-        rows.append(res.row)
-        if outputs is not None:
-            outputs.add_faces(res.faces)
-        else:
-            kept.append(res.faces)
-
-    from fer_batch.runners.local import run_local
-
-    try:
-        run_local(sources, stages, cfg, on_result, hook=hook)
-    except BaseException:
-        if outputs is not None:
-            # Keep what is done: finish the files with the sources completed so far.
-            log.warning("interrupted: writing the %d sources completed so far", len(rows) - len(not_processed))
-            outputs.finish(rows)
-        raise
-    finally:
-        stages.teardown()
-    if outputs is not None:
-        outputs.finish(rows)
-        faces = None
-    else:
-        faces = pa.concat_tables(kept) if kept else FACES_SCHEMA.empty_table()
+    sink = TableSink(out_s, [SourceRow.from_dict(r) for r in not_processed], cfg)
+    models = execute(sources, cfg, device, sink, hook)
     return ProcessResult(
-        sources=rows_to_table(rows, SOURCES_SCHEMA), out=out_s, models=models, config=cfg,
-        wall_s=time.perf_counter() - t0, _faces=faces,
-    )
+        sources=sink.sources_table(), out=out_s, models=models, config=cfg,
+        wall_s=time.perf_counter() - t0, _faces=sink.faces_table(),
+    )  # fmt: skip
 
 
 def process(inputs, out=None, **options) -> pa.Table:
@@ -122,4 +94,4 @@ def process(inputs, out=None, **options) -> pa.Table:
     return run(inputs, out=out, **options).faces
 
 
-__all__ = ["process", "run", "ProcessResult", "config_from_options", "TRACKS_SCHEMA"]
+__all__ = ["process", "run", "ProcessResult", "config_from_options", "OPTIONS", "TRACKS_SCHEMA"]

@@ -19,7 +19,9 @@ import pyarrow as pa
 
 from fer_batch.config import RunConfig
 from fer_batch.errors import DecodeError, FerBatchError
-from fer_batch.schema import FACES_SCHEMA, faces_to_table
+from fer_batch.io import MediaReader
+from fer_batch.schema import FACES_SCHEMA, SourceRow, faces_to_table
+from fer_batch.track import FaceTracker
 from fer_batch.types import EMOTIONS, FaceDetections, MediaSource
 
 log = logging.getLogger(__name__)
@@ -85,12 +87,16 @@ class Stages:
 
 @dataclass
 class SourceResult:
-    """What one source (or one segment of a video) produced."""
+    """What one source (or one segment of a video) produced.
+
+    ``frame_times``: timestamps of the frames analysed, in order (a segment's runner counts
+    the frames in its own range from them).
+    """
 
     faces: pa.Table
-    row: dict  # SOURCES_SCHEMA fields
+    row: SourceRow
     segment: Optional[tuple[float, float]] = None
-    errors: list[str] = field(default_factory=list)
+    frame_times: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def smooth_probs(track_id: np.ndarray, t: np.ndarray, probs: np.ndarray, window_s: float) -> np.ndarray:
@@ -208,42 +214,30 @@ def process_source(
     Never raises for a bad input: the returned row says ``ok``, ``partial`` (decoding broke
     off after some frames; the rows before are kept) or ``failed``.
     """
-    from fer_batch.io import MediaReader
-    from fer_batch.track import FaceTracker
-
     hook = hook or _no_hook
     t0 = time.perf_counter()
     stages.setup()
     tracker = tracker or FaceTracker(cfg.track)
     use_reid = stages.use_reid
     batcher = _Batcher(stages.classifier, cfg.classify.batch_size)
-    row: dict[str, Any] = {
-        "source_id": source.source_id,
-        "path": str(source.path),
-        "kind": source.kind,
-        "status": "ok",
-        "error": None,
-        "duration_s": None,
-        "frames_sampled": 0,
-        "faces": 0,
-        "tracks": 0,
-        "wall_s": 0.0,
-    }
+    times: list[float] = []
     hook("source_start", {"source": source, "segment": segment})
+
+    def done(row: SourceRow, table: pa.Table | None = None) -> SourceResult:
+        hook("source_end", {"source": source, "row": row})
+        table = FACES_SCHEMA.empty_table() if table is None else table
+        return SourceResult(table, row, segment, np.asarray(times, np.float64))
+
     reader = MediaReader(source, cfg.sampling, segment=segment, threads=cfg.threads)
     try:
         reader.open()
-    except DecodeError as e:
-        row.update(status="failed", error=str(e), wall_s=time.perf_counter() - t0)
-        log.warning("%s", e)
-        hook("source_end", {"source": source, "row": row})
-        return SourceResult(FACES_SCHEMA.empty_table(), row, segment)
     except FerBatchError as e:
-        row.update(status="failed", error=str(e), wall_s=time.perf_counter() - t0)
-        hook("source_end", {"source": source, "row": row})
-        return SourceResult(FACES_SCHEMA.empty_table(), row, segment)
-    row["duration_s"] = reader.duration_s
-    hook("source_open", {"source": source, "duration_s": reader.duration_s, "reader": reader})
+        if isinstance(e, DecodeError):
+            log.warning("%s", e)
+        return done(SourceRow.failed(source, str(e), wall_s=time.perf_counter() - t0))
+    duration_s = reader.duration_s
+    hook("source_open", {"source": source, "duration_s": duration_s, "reader": reader})
+    error: str | None = None
     frames = prefetch(reader, depth=cfg.prefetch)
     try:
         for frame in frames:
@@ -252,27 +246,39 @@ def process_source(
             dets = tracker.update(dets, frame.timestamp_s, embeddings=emb)
             if len(dets):
                 batcher.add(dets, stages.classifier.crops(frame.image, dets.kps))
-            row["frames_sampled"] += 1
+            times.append(frame.timestamp_s)
             hook("frame", {"source": source, "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "faces": len(dets)})
     except DecodeError as e:
         # Decoding broke off: keep every row computed so far (none read at all: failed).
-        row.update(status="partial" if row["frames_sampled"] else "failed", error=str(e))
-        log.warning("%s (kept %d frames before it)", e, row["frames_sampled"])
+        error = str(e)
+        log.warning("%s (kept %d frames before it)", e, len(times))
     except Exception as e:  # noqa: BLE001 - one bad item must never stop the batch
         log.exception("%s: failed", source.path)
-        row.update(status="partial" if row["frames_sampled"] else "failed", error=f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
     finally:
         frames.close()  # stops and joins the decode thread before the reader goes away
         reader.close()
-    batcher.flush()
-    dets = FaceDetections.concat(batcher.done)
+    try:
+        batcher.flush()  # the last batch: its error is this source's, never the run's
+    except Exception as e:  # noqa: BLE001 - one bad item must never stop the batch
+        log.exception("%s: classifying the last faces failed", source.path)
+        error = error or f"{type(e).__name__}: {e}"
+    dets = FaceDetections.concat(batcher.done)  # the faces classified (all, unless an error)
     smoothed = None
     if cfg.classify.smooth_s > 0 and len(dets):
         smoothed = smooth_probs(dets.track_id, dets.timestamp_s, dets.probs, cfg.classify.smooth_s)
     table = faces_to_table(source.source_id, str(source.path), dets, smoothed)
-    row.update(faces=len(dets), tracks=int(len(np.unique(dets.track_id))), wall_s=time.perf_counter() - t0)
-    hook("source_end", {"source": source, "row": row})
-    return SourceResult(table, row, segment)
+    figures = dict(
+        duration_s=duration_s, frames_sampled=len(times), faces=len(dets),
+        tracks=int(len(np.unique(dets.track_id))), wall_s=time.perf_counter() - t0,
+    )  # fmt: skip
+    if error is None:
+        row = SourceRow.ok(source, **figures)
+    elif times:
+        row = SourceRow.partial(source, error, **figures)
+    else:
+        row = SourceRow.failed(source, error, **figures)
+    return done(row, table)
 
 
 __all__ = ["Stages", "SourceResult", "process_source", "smooth_probs", "EMOTIONS"]
