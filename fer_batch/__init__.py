@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from fer_batch.version import __version__
 
 __all__ = ["__version__", "process"]
 
@@ -12,6 +12,8 @@ def process(inputs, out=None, **options):
 
     See :func:`fer_batch.api.process` for the options.
     """
+    # Imported on use, so that ``import fer_batch.schema`` (a report reader, say) does not
+    # load the pipeline and its models' runtimes. No module of the package imports this one.
     from fer_batch.api import process as _process
 
     return _process(inputs, out=out, **options)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from fer_batch import __version__
+from fer_batch.version import __version__
 from fer_batch.config import RunConfig
 from fer_batch.output import RunOutputs
 from fer_batch.schema import FACES_SCHEMA, SourceRow, sources_to_table

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fer_batch import __version__
+from fer_batch.version import __version__
 from fer_batch.config import RunConfig
 from fer_batch.device import resolve_device
 from fer_batch.driver import execute
@@ -37,6 +37,7 @@ from fer_batch.incremental.store import (
     STAGING_DIR,
     STATE_DIR,
     DatasetLock,
+    Plan,
     SchemaMismatch,
     State,
     atomic_write_bytes,
@@ -46,34 +47,13 @@ from fer_batch.incremental.store import (
     new_run_id,
     run_fingerprint,
     source_files,
+    WorkItem,
 )
 from fer_batch.io import discover
 from fer_batch.schema import SCHEMA_VERSION, SourceRow, read_metadata
 from fer_batch.types import MediaSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkItem:
-    source: MediaSource
-    outcome: str  # new | changed
-    reason: str
-    content: str
-    files: list[dict]
-
-
-@dataclass
-class Plan:
-    """What a run will do: work items, and the inputs it leaves alone."""
-
-    run_id: str
-    run_fp: str
-    models: dict[str, Any]
-    work: list[WorkItem]
-    outcomes: list[dict]  # one per input not in ``work`` (unchanged, failed before, skipped, ...)
-    hashed_files: int
-    discover_s: float
 
 
 @dataclass

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fer_batch import __version__
+from fer_batch.version import __version__
 from fer_batch.config import RunConfig
-from fer_batch.incremental.store import META_INCREMENTAL, atomic_write, canonical, fsync_dir
+from fer_batch.incremental.store import META_INCREMENTAL, Plan, WorkItem, atomic_write, canonical, fsync_dir
 from fer_batch.schema import FACES_SCHEMA, SourceRow, with_metadata
 from fer_batch.types import MediaSource
-
-if TYPE_CHECKING:  # typing only: the dataset module imports this one
-    from fer_batch.incremental.dataset import IncrementalDataset, Plan, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +30,13 @@ class DatasetSink:
     ``parts_removed`` are filled in as sources land.
     """
 
-    def __init__(self, ds: "IncrementalDataset", plan: "Plan", cfg: RunConfig):
+    def __init__(self, ds: Any, plan: Plan, cfg: RunConfig):
+        """``ds``: the open :class:`~fer_batch.incremental.dataset.IncrementalDataset` (its
+        ``root``, ``state``, ``started`` and ``save_state``)."""
         self.ds = ds
         self.plan = plan
         self.cfg = cfg
-        self.items: dict[str, "WorkItem"] = {w.source.source_id: w for w in plan.work}
+        self.items: dict[str, WorkItem] = {w.source.source_id: w for w in plan.work}
         self.models: dict[str, Any] = {}
         self.outcomes: list[dict] = []
         self.decoded = 0
@@ -71,7 +70,7 @@ class DatasetSink:
     def interrupted(self) -> None:
         self._faces = []  # a source not landed is redone by the next run
 
-    def _land(self, item: "WorkItem", faces: pa.Table, source_row: SourceRow) -> dict:
+    def _land(self, item: WorkItem, faces: pa.Table, source_row: SourceRow) -> dict:
         """Write one source's part (or record its failure) and update the state."""
         plan, cfg, models_info = self.plan, self.cfg, self.models
         src, row = item.source, source_row.to_dict()

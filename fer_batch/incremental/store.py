@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fer_batch import __version__
+from fer_batch.version import __version__
 from fer_batch.config import RunConfig
 from fer_batch.errors import ModelError, OutputError
 from fer_batch.models import registry, sha256_file
@@ -309,3 +309,25 @@ def _read_holder(fd: int) -> str:
         return os.pread(fd, 200, 0).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+@dataclass
+class WorkItem:
+    source: MediaSource
+    outcome: str  # new | changed
+    reason: str
+    content: str
+    files: list[dict]
+
+
+@dataclass
+class Plan:
+    """What a run will do: work items, and the inputs it leaves alone."""
+
+    run_id: str
+    run_fp: str
+    models: dict[str, Any]
+    work: list[WorkItem]
+    outcomes: list[dict]  # one per input not in ``work`` (unchanged, failed before, skipped, ...)
+    hashed_files: int
+    discover_s: float
