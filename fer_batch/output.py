@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fer_batch.errors import OutputError
-from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, tracks_table, with_metadata
+from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, rows_to_table, with_metadata
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,8 @@ class RunOutputs:
         self._faces = AtomicParquetWriter(self.faces_path, self.faces_schema)
         self._track_parts: list[pa.Table] = []
 
-    def add_faces(self, faces: pa.Table) -> None:
-        self._faces.write(faces)
-        self._track_parts.append(tracks_table(faces))
-
     def write_faces(self, faces: pa.Table) -> None:
-        """Stream face rows only; their track summaries come through :meth:`add_tracks`.
-
-        For a runner that writes one source in several pieces (Ray segments) and summarises
-        its tracks once the source is complete.
-        """
+        """Stream face rows; their track summaries come through :meth:`add_tracks`."""
         self._faces.write(faces)
 
     def add_tracks(self, tracks: pa.Table) -> None:
@@ -146,8 +138,6 @@ class RunOutputs:
 
     def finish(self, source_rows: list[dict]) -> None:
         """Close the faces file and write the sources and tracks tables."""
-        from fer_batch.schema import rows_to_table
-
         self._faces.close()
         tracks = pa.concat_tables(self._track_parts) if self._track_parts else TRACKS_SCHEMA.empty_table()
         write_table(self.tracks_path, tracks.replace_schema_metadata(self.tracks_schema.metadata))
