@@ -9,9 +9,10 @@ output error, 3 another run holds the lock.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
 
 from fer_batch.config import RunConfig
@@ -38,8 +39,12 @@ def run_incremental_cli(
     wait_lock: float,
     retry_failed: bool,
     err: Console,
+    progress: Callable[..., Callable[[str, dict], None]] | None = None,
 ) -> int:
-    """Run incrementally into the dataset ``out`` and report on ``err``; return the exit code."""
+    """Run incrementally into the dataset ``out`` and report on ``err``; return the exit code.
+
+    ``progress(rich_progress, n_sources)`` makes the progress hook (none: no progress bar).
+    """
     try:
         with IncrementalDataset(out, wait_lock=wait_lock) as ds:
             plan = ds.plan(list(inputs), cfg, retry_failed=retry_failed)
@@ -53,16 +58,12 @@ def run_incremental_cli(
                     f"{sum(w.outcome == 'changed' for w in plan.work)} changed)",
                     soft_wrap=True,
                 )
-            if quiet or not plan.work:
+            if quiet or not plan.work or progress is None:
                 result = ds.execute(plan, cfg)
             else:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-                from fer_batch.commands.process_cmd import ProgressHook
-
                 cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
                 with Progress(*cols, console=err, transient=True) as p:
-                    result = ds.execute(plan, cfg, hook=ProgressHook(p, len(plan.work)))
+                    result = ds.execute(plan, cfg, hook=progress(p, len(plan.work)))
     except LockHeldError as e:
         err.print(f"[yellow]locked:[/yellow] {escape(str(e))}", soft_wrap=True)
         return EXIT_LOCKED

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fer_batch.config import config_from_options
 from fer_batch.errors import ConfigError, FerBatchError, OutputError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ProgressHook:
                 self.p.update(self.frames, total=est)
         elif step == "frame":
             self.p.advance(self.frames)
-        elif step == "source_end":
+        elif step == "source_done":  # a source merged (a split source ends once, not per segment)
             self.p.advance(self.sources)
 
 
@@ -53,6 +54,12 @@ def summary_table(result) -> Table:
             str(r["tracks"]), f"{r['wall_s']:.1f}", r["error"] or "",
         )
     return t
+
+
+# ``process`` parameters that are not configuration options; every other parameter is the
+# config field declared with the same option name (``fer_batch.config.OPTIONS``), checked by
+# tests/test_options.py.
+CLI_ONLY = frozenset({"inputs", "out", "quiet", "incremental", "wait_lock", "retry_failed"})
 
 
 def process(
@@ -94,22 +101,19 @@ def process(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="--incremental: retry inputs that failed before even if unchanged."),
 ) -> None:
     """Process videos and image folders into per-face emotion time series (Parquet)."""
-    from fer_batch.api import config_from_options, run
+    options = {k: v for k, v in locals().items() if k not in CLI_ONLY}
+    # Imported here, not at the top: ``fer-batch --help`` and the other commands need not load
+    # the pipeline.
+    from fer_batch.api import run
+    from fer_batch.commands.incremental_cli import run_incremental_cli
 
     err = Console(stderr=True)
     try:
-        cfg = config_from_options(
-            fps=fps, every=every, start=start, end=end, max_frames=max_frames, images_as=images_as,
-            image_fps=image_fps, decoder=decoder, max_frame_pixels=max_frame_pixels, det_pack=det_pack, det_size=det_size, det_thresh=det_thresh, min_face=min_face,
-            model=model, batch_size=batch_size, device=device, smooth=smooth, reid=reid, runner=runner,
-            ray_address=ray_address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker, segment_seconds=segment_seconds, threads=threads, models_dir=models_dir,
-        )
+        cfg = config_from_options(**options)
         if incremental:
-            from fer_batch.commands.incremental_cli import run_incremental_cli
-
             raise typer.Exit(run_incremental_cli(
-                inputs, out, cfg, quiet=quiet, wait_lock=wait_lock, retry_failed=retry_failed, err=err
+                inputs, out, cfg, quiet=quiet, wait_lock=wait_lock, retry_failed=retry_failed, err=err,
+                progress=ProgressHook,
             ))
         if quiet:
             result = run(inputs, out=out, cfg=cfg)
