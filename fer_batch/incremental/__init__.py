@@ -70,7 +70,7 @@ from fer_batch.incremental.store import (
     model_fingerprint,
     run_fingerprint,
 )
-from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, rows_to_table
+from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, SourceRow, rows_to_table
 
 
 def run_incremental(
@@ -127,8 +127,8 @@ def sources_table(dataset: str | os.PathLike) -> pa.Table:
         state = State.from_bytes((root / STATE_DIR / "state.json").read_bytes())
         for sid, fail in state.failed.items():
             if sid not in rows:
-                rows[sid] = {"source_id": sid, "path": fail["path"], "kind": fail.get("kind", "other"), "status": "failed",
-                             "error": fail.get("error"), "frames_sampled": 0, "faces": 0, "tracks": 0, "wall_s": 0.0}
+                rows[sid] = SourceRow.not_processed(sid, fail["path"], fail.get("kind", "other"), "failed",
+                                                    fail.get("error") or "failed").to_dict()
     except (OSError, ValueError, SchemaMismatch):
         pass
     return rows_to_table(sorted(rows.values(), key=lambda r: r["path"]), SOURCES_SCHEMA)
