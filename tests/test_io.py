@@ -79,6 +79,98 @@ def test_discover_images_as_sequence(tmp_path, image_folder, sample_video):
     assert seq.fps == 4.0
 
 
+def _rows_by_name(rows) -> dict:
+    return {Path(r["path"]).name: r for r in rows}
+
+
+def test_discover_sibling_link_web_is_walked_once(tmp_path, image_folder):
+    """3 folders with 2 links each to the others (and to the root): every folder once, each
+    image once under its real path, in bounded work (no exponential growth)."""
+    root = tmp_path / "web"
+    names = ["a", "b", "c"]
+    for n in names:
+        (root / n).mkdir(parents=True)
+        shutil.copy(image_folder[0].path, root / n / f"{n}.jpg")
+    for n in names:
+        for m in names:
+            if m != n:
+                os.symlink(root / m, root / n / f"to_{m}")
+        os.symlink(root, root / n / "to_root")  # a loop through the root
+    sources, rows = discover([root], SamplingConfig())
+    assert sorted(s.path for s in sources) == [root / n / f"{n}.jpg" for n in names]
+    loops = [r for r in rows if "loop" in (r["error"] or "")]
+    assert len(loops) == 3 and all(r["status"] == "skipped" and Path(r["path"]).name == "to_root" for r in loops)
+    assert all(r["status"] == "skipped" for r in rows), rows
+
+
+def test_discover_links_outside_the_inputs_are_not_followed_by_default(tmp_path, image_folder):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(image_folder[0].path, outside / "secret.jpg")
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(image_folder[1].path, root / "sub" / "inside.png")
+    os.symlink(outside, root / "dirlink")
+    os.symlink(outside / "secret.jpg", root / "filelink.jpg")
+    os.symlink(root / "sub" / "inside.png", root / "internal.png")  # inside the inputs: kept (once)
+    sources, rows = discover([root], SamplingConfig())
+    assert [s.path.name for s in sources] == ["inside.png"]  # the link to it is the same file
+    by = _rows_by_name(rows)
+    assert set(by) == {"dirlink", "filelink.jpg"}
+    for n, what in (("dirlink", "folder"), ("filelink.jpg", "file")):
+        assert by[n]["status"] == "skipped", by[n]
+        assert f"symbolic link to the {what} {outside}" in by[n]["error"] and "outside the input folders" in by[n]["error"]
+        assert by[n]["error"].startswith(str(root / n))
+    # the option follows them (each folder and file still once: filelink.jpg is secret.jpg)
+    sources, rows = discover([root], SamplingConfig(follow_links=True))
+    assert [s.path.relative_to(root).as_posix() for s in sources] == ["sub/inside.png", "dirlink/secret.jpg"]
+    assert rows == []
+    # a link given directly as an input is what the user asked for: followed
+    sources, rows = discover([root / "filelink.jpg"], SamplingConfig())
+    assert [s.path.name for s in sources] == ["filelink.jpg"] and rows == []
+
+
+def test_discover_lists_fifos_sockets_and_dangling_links(tmp_path):
+    import socket
+
+    root = tmp_path / "in"
+    root.mkdir()
+    os.mkfifo(root / "pipe.mp4")
+    os.symlink(root / "pipe.mp4", root / "link_to_pipe.jpg")
+    os.symlink(root / "gone.mp4", root / "dangling.mp4")
+    os.symlink(root / "self.mp4", root / "self.mp4")  # a link to itself (ELOOP)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "sock.mp4"))
+        sources, rows = discover([root, root / "pipe.mp4"], SamplingConfig())  # never blocks on the FIFO
+    finally:
+        sock.close()
+    assert sources == []
+    by = _rows_by_name(rows)
+    assert set(by) == {"pipe.mp4", "link_to_pipe.jpg", "dangling.mp4", "self.mp4", "sock.mp4"}
+    assert by["pipe.mp4"]["status"] == "skipped" and "named pipe (FIFO)" in by["pipe.mp4"]["error"]
+    assert by["link_to_pipe.jpg"]["status"] == "skipped" and "named pipe" in by["link_to_pipe.jpg"]["error"]
+    assert by["sock.mp4"]["status"] == "skipped" and "socket" in by["sock.mp4"]["error"]
+    assert by["dangling.mp4"]["status"] == "failed" and "broken symbolic link" in by["dangling.mp4"]["error"]
+    assert by["self.mp4"]["status"] == "failed" and "symbolic link" in by["self.mp4"]["error"]
+    for n, r in by.items():
+        assert r["error"].startswith(str(root / n)), r  # the reason names the file
+
+
+def test_discover_non_utf8_name_fails_with_a_printable_path(tmp_path, image_folder):
+    root = tmp_path / "in"
+    root.mkdir()
+    bad = root / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 name: not valid UTF-8
+    shutil.copy(image_folder[0].path, bad)
+    shutil.copy(image_folder[0].path, root / "good.jpg")
+    sources, rows = discover([root], SamplingConfig())
+    assert [s.path.name for s in sources] == ["good.jpg"]
+    (r,) = rows
+    assert r["status"] == "failed" and r["path"].endswith("caf\\xe9.jpg") and "not valid UTF-8" in r["error"]
+    r["path"].encode("utf-8")
+    r["error"].encode("utf-8")
+
+
 def test_natural_key():
     names = ["f10.png", "f2.png", "F1.png", "f1b.png", "g.png"]
     assert sorted(names, key=natural_key) == ["F1.png", "f1b.png", "f2.png", "f10.png", "g.png"]

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fer_batch.commands.console import text
+
 
 def bench(
     videos: List[Path] = typer.Argument(..., help="Video files to measure."),
@@ -30,7 +32,7 @@ def bench(
         r = bench_video(v, fps=fps, short_s=short, threads=threads)
         results.append(as_dict(r))
         t.add_row(
-            v.name, f"{r.duration_s:.1f}", f"{r.decode_fps:.0f}", f"{r.decode_rtf:.2f}", f"{r.rtf_steady:.2f}",
+            text(v.name), f"{r.duration_s:.1f}", f"{r.decode_fps:.0f}", f"{r.decode_rtf:.2f}", f"{r.rtf_steady:.2f}",
             f"{r.ratio_to_decode:.2f}", f"{r.sampled_fps:.1f}", f"{r.faces_per_s:.1f}", f"{r.faces_per_frame:.2f}",
             str(r.faces_first_frame), f"{r.peak_rss_mb_full:.0f}",
         )

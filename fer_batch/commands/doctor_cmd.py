@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fer_batch.commands.console import text
+
 
 @dataclass
 class Check:
@@ -129,7 +131,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         for col in ("check", "ok", "detail", "fix"):
             t.add_column(col, overflow="fold")
         for c in checks:
-            t.add_row(c.name, "[green]yes[/]" if c.ok else "[red]no[/]", c.detail, c.fix)
+            t.add_row(text(c.name), "[green]yes[/]" if c.ok else "[red]no[/]", text(c.detail), text(c.fix))
         Console().print(t)
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.markup import escape
 
+from fer_batch.commands.console import esc as escape
 from fer_batch.config import RunConfig
 from fer_batch.errors import FerBatchError
 from fer_batch.incremental import (
@@ -91,14 +91,14 @@ def run_incremental_cli(
             + (f" ({c['failed_before_unchanged']} of them failed before)" if c["failed_before_unchanged"] else "")
             + (f", {c['skipped']} skipped" if c["skipped"] else "")
             + (f", {c['failed']} failed" if c["failed"] else "")
-            + f" ({result.summary['wall_s']:.1f} s); summary: {where}",
+            + f" ({result.summary['wall_s']:.1f} s); summary: {escape(where)}",
             soft_wrap=True,
         )
     else:
         err.print(
             f"done: {c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, {c['failed']} failed, "
             f"{c['skipped']} skipped; {result.summary['rows_written']} rows written "
-            f"({result.summary['wall_s']:.1f} s); summary: {where}",
+            f"({result.summary['wall_s']:.1f} s); summary: {escape(where)}",
             soft_wrap=True,
         )
     return result.exit_code

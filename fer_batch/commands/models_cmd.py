@@ -11,6 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fer_batch.commands.console import clean, esc, text
 from fer_batch.errors import FerBatchError
 
 models_app = typer.Typer(help="The model registry: list, show and rebuild model cards and files.", no_args_is_help=True)
@@ -23,7 +24,7 @@ def _reg(models_dir: Path | None):
 
 
 def _fail(e: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {e}")
+    Console(stderr=True).print(f"[red]error:[/red] {esc(e)}")
     raise typer.Exit(2)
 
 
@@ -51,7 +52,7 @@ def list_models(
             f"{k}={v}" for k, v in (c.metrics or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         )
-        t.add_row(c.name, c.task, c.format, inp_s, c.licence, c.sha256, metrics, "yes" if c.default else "")
+        t.add_row(*(text(v) for v in (c.name, c.task, c.format, inp_s, c.licence, c.sha256, metrics)), "yes" if c.default else "")
     Console(width=None if sys.stdout.isatty() else 220).print(t)
 
 
@@ -65,8 +66,8 @@ def show_model(
         card = _reg(models_dir).get(name)
     except FerBatchError as e:
         _fail(e)
-    typer.echo(f"# {card.card_path}")
-    typer.echo(Path(card.card_path).read_text() if card.card_path else yaml.safe_dump(card.summary()))
+    typer.echo(clean(f"# {card.card_path}"))
+    typer.echo(clean(Path(card.card_path).read_text() if card.card_path else yaml.safe_dump(card.summary())))
 
 
 @models_app.command("build")
@@ -105,7 +106,7 @@ def build_models_cmd(
             state = f"DIFFERS from card {r.card_sha256}"
             bad += 1
         action = "written" if r.written else "not written"
-        typer.echo(f"{r.name}: {r.sha256} {r.path} [{state}; {action}]")
+        typer.echo(clean(f"{r.name}: {r.sha256} {r.path} [{state}; {action}]"))
     if bad:
         Console(stderr=True).print(
             f"[red]{bad} rebuilt file(s) differ from their card[/red] "

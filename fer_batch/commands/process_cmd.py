@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fer_batch.commands.console import esc, text
 from fer_batch.config import config_from_options
 from fer_batch.errors import ConfigError, FerBatchError, OutputError
 
@@ -30,7 +31,7 @@ class ProgressHook:
             self.p.update(self.sources, total=payload["sources"])
         elif step == "source_start":
             src = payload["source"]
-            self.p.reset(self.frames, total=None, description=f"frames  {Path(src.path).name[:40]}")
+            self.p.reset(self.frames, total=None, description=f"frames  {esc(Path(src.path).name[:40])}")
         elif step == "source_open":
             reader = payload.get("reader")
             est = getattr(reader, "planned_frames", None)
@@ -50,8 +51,8 @@ def summary_table(result) -> Table:
     for r in result.sources.to_pylist():
         st = r["status"]
         t.add_row(
-            Path(r["path"]).name, f"[{colour.get(st, '')}]{st}[/]", str(r["frames_sampled"]), str(r["faces"]),
-            str(r["tracks"]), f"{r['wall_s']:.1f}", r["error"] or "",
+            text(Path(r["path"]).name), text(st, colour.get(st, "")), str(r["frames_sampled"]), str(r["faces"]),
+            str(r["tracks"]), f"{r['wall_s']:.1f}", text(r["error"]),
         )
     return t
 
@@ -74,6 +75,7 @@ def process(
     image_fps: float = typer.Option(1.0, help="Frame rate of image sequences."),
     decoder: str = typer.Option("auto", help="Video decoder: auto (PyAV for sparse sampling, decord for dense) | pyav | decord."),
     max_frame_pixels: int = typer.Option(4096 * 2160, help="Decoded pixels per video frame at most; larger videos are scaled down while decoding."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Follow symbolic links that resolve outside the input folders (default: listed as skipped)."),
     det_pack: Optional[str] = typer.Option(None, help="InsightFace pack directory (e.g. ~/.insightface/models/buffalo_l); default: the shipped pack."),
     det_size: str = typer.Option("640", help="Detector input, N or WxH, multiples of 32 (larger finds smaller faces, slower)."),
     det_thresh: float = typer.Option(0.5, help="Detection score threshold (higher: fewer false faces, more misses)."),
@@ -122,10 +124,10 @@ def process(
             with Progress(*cols, console=err, transient=True) as p:
                 result = run(inputs, out=out, cfg=cfg, hook=ProgressHook(p))
     except (ConfigError, OutputError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {esc(e)}")
         raise typer.Exit(2)
     except FerBatchError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {esc(e)}")
         raise typer.Exit(2)
     statuses = result.sources.column("status").to_pylist()
     if not quiet:
@@ -134,7 +136,7 @@ def process(
         det, cls = used.get("detector", {}), used.get("classifier", {})
         err.print(
             f"detector {det.get('name')} on {det.get('provider')}; classifier {cls.get('name')} on {cls.get('provider')}; "
-            f"wrote {result.out}"
+            f"wrote {esc(result.out)}"
         )
     for r in result.sources.to_pylist():
         if r["status"] in ("partial", "skipped", "failed"):
@@ -144,7 +146,7 @@ def process(
             f"[yellow]warning:[/yellow] {statuses.count('partial')} partial, {statuses.count('skipped')} skipped input(s)"
         )
     if "failed" in statuses:
-        err.print(f"[red]{statuses.count('failed')} input(s) failed[/red] (see {result.out and result.out.replace('.parquet', '.sources.parquet')})")
+        err.print(f"[red]{statuses.count('failed')} input(s) failed[/red] (see {esc(result.out and result.out.replace('.parquet', '.sources.parquet'))})")
     raise typer.Exit(result.exit_code)
 
 

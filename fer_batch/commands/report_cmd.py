@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fer_batch.commands.console import clean, esc, text
 from fer_batch.errors import ConfigError, FerBatchError
 from fer_batch.types import EMOTIONS
 
@@ -24,7 +25,7 @@ class Format(str, Enum):
 
 
 def _fail(e: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    Console(stderr=True).print(f"[red]error:[/red] {esc(e)}", markup=True, highlight=False)
     raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
 
 
@@ -90,7 +91,7 @@ def report(
         _fail(e)
     n_mom = sum(len(s.moments) for s in figs.sources)
     Console(stderr=True).print(
-        f"wrote {html_out} ({len(figs.sources)} sources, {figs.faces} faces, {n_mom} key moments"
+        f"wrote {esc(html_out)} ({len(figs.sources)} sources, {figs.faces} faces, {n_mom} key moments"
         f"{', thumbnails' if thumbnails else ''})",
         highlight=False,
     )
@@ -138,7 +139,7 @@ def summary(
     s = figs.summary()
     con = Console()
     st = ", ".join(f"{v} {k}" for k, v in figs.status_counts.items() if v)
-    top = Table(title=f"Session: {report_path.name}", show_header=False)
+    top = Table(title=f"Session: {esc(report_path.name)}", show_header=False)
     top.add_column("figure", style="bold")
     top.add_column("value")
     top.add_row("sources", f"{len(figs.sources)} ({st})")
@@ -162,14 +163,14 @@ def summary(
     for sf, r in zip(figs.sources, rows):
         val = "/".join(f"{100 * sf.valence[g]:.0f}" for g in ("positive", "negative", "neutral", "surprise")) if sf.rows else "–"
         t.add_row(
-            Path(sf.path).name, sf.status, _num(sf.duration_s), str(sf.faces), val,
-            sf.dominant or "–", _num(sf.changes_per_min), str(r["key_moments"]), *([r["top_negative"] or "–"] if wide else []),
+            text(Path(sf.path).name), text(sf.status), _num(sf.duration_s), str(sf.faces), val,
+            text(sf.dominant or "–"), _num(sf.changes_per_min), str(r["key_moments"]), *([text(r["top_negative"] or "–")] if wide else []),
         )
         if sf.error:
             notes.append(f"{Path(sf.path).name} ({sf.status}): {sf.error}")
     con.print(t)
     for n in notes:
-        con.print(n, highlight=False, markup=False)
+        con.print(clean(n), highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from fer_batch.commands.console import clean
 from fer_batch.errors import FerBatchError
 
 
@@ -21,7 +22,7 @@ def sample(
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        typer.echo(f"error: --size: expected WxH such as 960x540, got {size!r}", err=True)
+        typer.echo(clean(f"error: --size: expected WxH such as 960x540, got {size!r}"), err=True)
         raise typer.Exit(2)
     if seconds <= 0 or w < 64 or h < 64:
         typer.echo("error: --seconds must be > 0 and --size at least 64x64", err=True)
@@ -29,12 +30,12 @@ def sample(
     try:
         out = write_sample_set(directory, seconds=seconds, size=(w, h))
     except FerBatchError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(clean(f"error: {e}"), err=True)
         raise typer.Exit(1)
     vid = out["video"]
-    typer.echo(f"{vid.path}  ({vid.size[0]}x{vid.size[1]}, {vid.fps:g} fps, {vid.frame_count} frames, 6 faces)")
+    typer.echo(clean(f"{vid.path}  ({vid.size[0]}x{vid.size[1]}, {vid.fps:g} fps, {vid.frame_count} frames, 6 faces)"))
     for img in out["images"]:
-        typer.echo(f"{img.path}  ({img.faces} faces, {img.note})")
+        typer.echo(clean(f"{img.path}  ({img.faces} faces, {img.note})"))
 
 
 def register(app: typer.Typer) -> None:
