@@ -64,9 +64,6 @@ class SamplingConfig:
     # decoded pixels per video frame at most; larger streams are scaled down in the decoder
     # (default: DCI 4K, 4096x2160). Higher keeps smaller faces of 8K video and costs memory.
     max_frame_pixels: int = field(default=4096 * 2160, metadata=opt("max_frame_pixels"))
-    # follow symbolic links that resolve outside the input folders (off: they are listed as
-    # skipped; links inside the inputs are always followed, each folder walked once)
-    follow_links: bool = field(default=False, metadata=opt("follow_links"))
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
@@ -125,7 +122,10 @@ class TrackConfig:
     ``match_thresh``: highest association cost (0..1) that continues a track; higher joins
     more (risk of id swaps), lower splits more. ``reid_thresh``: cosine similarity an
     embedding needs to re-identify an ended track; higher merges fewer different people but
-    gives returning faces new ids more often.
+    gives returning faces new ids more often (None: the value measured for the embedding model,
+    from its card). ``reid_samples`` / ``reid_gap_s``: a track is embedded at most this many
+    times, this many seconds apart, besides the faces no track takes by motion and the faces
+    two tracks compete for; more samples make the track's appearance steadier and cost time.
 
     Motion model, in units of the face size (sqrt of box area) so one setting fits small and
     large faces: ``accel_std`` (face sizes / s^2): higher lets faces change speed or direction
@@ -148,7 +148,9 @@ class TrackConfig:
     lost_s: float = field(default=3.0, metadata=opt("lost_s"))
     match_thresh: float = 0.8
     reid: str = field(default="auto", metadata=opt("reid"))  # auto: the pack's recognition model if it has one; off; on
-    reid_thresh: float = 0.5
+    reid_thresh: float | None = None  # None: the embedding model's measured value (its card); 0.5 for InsightFace packs
+    reid_samples: int = 3
+    reid_gap_s: float = 1.0
     accel_std: float = 3.0
     meas_std: float = 0.15
     init_vel_std: float = 2.0
@@ -172,7 +174,7 @@ class TrackConfig:
             raise ConfigError(f"--lost-s must be a positive number of seconds, got {self.lost_s}")
         if not 0.0 < self.match_thresh <= 1.0:
             raise ConfigError(f"track match_thresh must be in (0, 1], got {self.match_thresh}")
-        if not -1.0 <= self.reid_thresh <= 1.0:
+        if self.reid_thresh is not None and not -1.0 <= self.reid_thresh <= 1.0:
             raise ConfigError(f"--reid-thresh must be a cosine similarity in [-1, 1], got {self.reid_thresh}")
         for name in ("accel_std", "meas_std", "init_vel_std", "max_speed", "gate_sigma", "gate_max_sizes"):
             v = getattr(self, name)

@@ -41,6 +41,7 @@ class Stages:
     device: str = "cpu"
     detector: Any = None
     classifier: Any = None
+    embedder: Any = None  # FaceEmbedder of the pack's face_embedding card (re-identification)
     _ready: bool = False
 
     def setup(self) -> "Stages":
@@ -62,26 +63,51 @@ class Stages:
         cls_cfg = dataclasses.replace(c.classify, device=self.device)
         self.classifier = EmotionClassifier(cls_cfg, threads=c.threads, models_dir=c.models_dir)
         self.classifier.setup()
+        if c.track.reid != "off" and not self.detector.has_recognition:
+            from fer_batch.embed import FaceEmbedder
+
+            if FaceEmbedder.available(c.models_dir):
+                self.embedder = FaceEmbedder(device=self.device, threads=c.threads, models_dir=c.models_dir).setup()
         self._ready = True
         return self
 
     def teardown(self) -> None:
-        for s in (self.detector, self.classifier):
+        for s in (self.detector, self.classifier, self.embedder):
             if s is not None:
                 s.teardown()
         self._ready = False
 
     @property
     def use_reid(self) -> bool:
+        """Whether faces are embedded: the detector pack's recognition model, else the
+        default pack's ``face_embedding`` model (``--reid auto``, the default)."""
         mode = self.cfg.track.reid
         if mode == "off":
             return False
-        if mode == "on" and not self.detector.has_recognition:
-            raise FerBatchError("--reid on: the detector pack has no recognition model (use a pack such as buffalo_l)")
-        return self.detector.has_recognition
+        self.setup()
+        ok = self.detector.has_recognition or self.embedder is not None
+        if mode == "on" and not ok:
+            raise FerBatchError("--reid on: neither the detector pack nor the model pack has a face embedding model")
+        return ok
+
+    def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        """L2-normalised embeddings (N, D) of the faces with landmarks ``kps`` (N, 5, 2)."""
+        if self.detector.has_recognition:
+            return self.detector.embed(image, kps)
+        return self.embedder(image, kps)
+
+    def track_config(self):
+        """``cfg.track`` with ``reid_thresh`` resolved (None: the embedding model's measured value)."""
+        tc = self.cfg.track
+        if tc.reid_thresh is None and self.embedder is not None and not self.detector.has_recognition:
+            tc = dataclasses.replace(tc, reid_thresh=self.embedder.reid_thresh)
+        return tc
 
     def models_info(self) -> dict[str, Any]:
-        return {"detector": self.detector.info, "classifier": self.classifier.info}
+        info = {"detector": self.detector.info, "classifier": self.classifier.info}
+        if self.embedder is not None:
+            info["embedder"] = self.embedder.info
+        return info
 
 
 
@@ -217,7 +243,7 @@ def process_source(
     hook = hook or _no_hook
     t0 = time.perf_counter()
     stages.setup()
-    tracker = tracker or FaceTracker(cfg.track)
+    tracker = tracker or FaceTracker(stages.track_config())
     use_reid = stages.use_reid
     batcher = _Batcher(stages.classifier, cfg.classify.batch_size)
     times: list[float] = []
@@ -242,8 +268,9 @@ def process_source(
     try:
         for frame in frames:
             dets = stages.detector(frame)
-            emb = stages.detector.embed(frame.image, dets.kps) if (use_reid and len(dets)) else None
-            dets = tracker.update(dets, frame.timestamp_s, embeddings=emb)
+            # embeddings on demand: only the faces the tracker needs them for
+            embed = (lambda rows, im=frame.image, k=dets.kps: stages.embed(im, k[rows])) if use_reid else None
+            dets = tracker.update(dets, frame.timestamp_s, embed=embed)
             if len(dets):
                 batcher.add(dets, stages.classifier.crops(frame.image, dets.kps))
             times.append(frame.timestamp_s)

@@ -87,6 +87,8 @@ class _Track:
     hits: int = 1
     emb_sum: np.ndarray | None = None
     emb: np.ndarray | None = field(default=None)  # L2-normalised mean embedding
+    n_emb: int = 0  # embeddings averaged into ``emb``
+    last_emb_t: float = -math.inf  # time of the last one
 
     @classmethod
     def start(
@@ -95,9 +97,22 @@ class _Track:
         trk = cls(p, track_id, np.zeros(2), np.zeros(2), np.eye(2), 1.0, np.ones(2), t, t, best_score=score)
         trk.reset(box, t)
         if emb is not None:
-            trk.emb_sum = emb.astype(np.float64).copy()
-            trk.emb = emb.astype(np.float64).copy()
+            trk.add_embedding(emb, t)
         return trk
+
+    def add_embedding(self, emb: np.ndarray, t: float) -> None:
+        """Average one more (L2-normalised) embedding into the track's appearance."""
+        if self.emb_sum is None or self.emb_sum.shape != emb.shape:
+            self.emb_sum, self.n_emb = np.zeros_like(emb, dtype=np.float64), 0
+        self.emb_sum = self.emb_sum + emb
+        self.n_emb += 1
+        self.last_emb_t = t
+        n = np.linalg.norm(self.emb_sum)
+        self.emb = self.emb_sum / n if n > 0 else None
+
+    def wants_embedding(self, t: float) -> bool:
+        """A few samples per track, spaced out in time (``reid_samples``, ``reid_gap_s``)."""
+        return self.n_emb < self.p.reid_samples and t - self.last_emb_t >= self.p.reid_gap_s
 
     def reset(self, box: np.ndarray, t: float) -> None:
         """Restart the filter at ``box`` with zero velocity (new track or re-identified)."""
@@ -140,11 +155,7 @@ class _Track:
         self.last_pos, self.misses = self.pos.copy(), 0
         self.hits += 1
         if emb is not None:
-            if self.emb_sum is None or self.emb_sum.shape != emb.shape:
-                self.emb_sum = np.zeros_like(emb, dtype=np.float64)
-            self.emb_sum = self.emb_sum + emb
-            n = np.linalg.norm(self.emb_sum)
-            self.emb = self.emb_sum / n if n > 0 else None
+            self.add_embedding(emb, t)
 
     def box(self) -> np.ndarray:
         return np.concatenate([self.pos - self.wh / 2, self.pos + self.wh / 2])
@@ -211,7 +222,13 @@ class FaceTracker:
       pipeline decides whether the pack can compute them).
     * ``reid_thresh``: the cosine similarity an embedding needs to re-identify an ended track.
       Raising it gives fewer wrong merges of different people but more new ids for returning
-      faces; lowering it does the reverse.
+      faces; lowering it does the reverse. None: 0.5 (InsightFace's ArcFace models); the
+      pipeline sets the value measured for the embedding model it uses (its card).
+
+    Embeddings are passed either for every face (``embeddings``) or on demand (``embed``, a
+    callable the tracker asks for the rows it needs: faces that no live track takes by motion,
+    faces that more than one track could take, and a few samples per track, ``reid_samples``
+    at least ``reid_gap_s`` apart), so a face is embedded only when it pays.
     """
 
     def __init__(self, cfg: TrackConfig | None = None):
@@ -219,7 +236,7 @@ class FaceTracker:
         if not isinstance(cfg, TrackConfig):  # its values were checked when it was built
             raise ConfigError(f"FaceTracker: expected a TrackConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.reid_thresh = float(cfg.reid_thresh)
+        self.reid_thresh = 0.5 if cfg.reid_thresh is None else float(cfg.reid_thresh)
         self._live: list[_Track] = []
         self._gallery: list[_Track] = []  # ended tracks that carry an embedding
         self._next_id = 0
@@ -231,7 +248,9 @@ class FaceTracker:
         """How many track ids have been given out so far."""
         return self._next_id
 
-    def update(self, dets: FaceDetections, timestamp_s: float, embeddings: np.ndarray | None = None) -> FaceDetections:
+    def update(
+        self, dets: FaceDetections, timestamp_s: float, embeddings: np.ndarray | None = None, embed=None
+    ) -> FaceDetections:
         """Assign track ids to the faces of ONE sampled frame.
 
         Args:
@@ -239,6 +258,8 @@ class FaceTracker:
             timestamp_s: the frame's real presentation time (seconds); must not decrease.
             embeddings: optional (N, D) face embeddings (L2-normalised here again), used to
                 match faces and to re-identify faces lost for longer than ``lost_s``.
+            embed: optional callable ``embed(rows) -> (len(rows), D)`` computing embeddings
+                of the given rows of ``dets`` on demand (ignored when ``embeddings`` is given).
 
         Returns:
             The same rows in the same order with ``track_id`` filled (int64 >= 0, unique
@@ -252,6 +273,8 @@ class FaceTracker:
         n = len(dets)
         emb = self._check_embeddings(embeddings, n)
         self._end_lost(t)
+        if emb is None and embed is not None and n and self.cfg.reid != "off":
+            return self._update_lazy(dets, t, embed)
         ids = np.full(n, -1, np.int64)
         if n == 0:
             for trk in self._live:
@@ -297,6 +320,76 @@ class FaceTracker:
         # 3) every face still without a track starts one now.
         for j in np.flatnonzero(ids < 0):
             trk = _Track.start(self.cfg, self._next_id, boxes[j], t, None if emb is None else emb[j], float(scores[j]))
+            self._next_id += 1
+            self._live.append(trk)
+            ids[j] = trk.track_id
+        return dets.with_(track_id=ids)
+
+    def _update_lazy(self, dets: FaceDetections, t: float, embed) -> FaceDetections:
+        """``update`` that asks ``embed`` only for the rows where appearance matters."""
+        n = len(dets)
+        ids = np.full(n, -1, np.int64)
+        boxes = np.asarray(dets.xyxy, np.float64)
+        scores = np.nan_to_num(np.asarray(dets.det_score, np.float64), nan=0.0)
+        emb: np.ndarray | None = None  # (n, D), NaN rows not computed yet
+
+        def need(rows) -> None:
+            nonlocal emb
+            rows = [int(r) for r in rows if emb is None or not np.isfinite(emb[int(r)]).all()]
+            if not rows:
+                return
+            e = self._check_embeddings(embed(np.asarray(rows, np.int64)), len(rows))
+            if e is None:
+                return
+            if emb is None:
+                emb = np.full((n, e.shape[1]), np.nan)
+            emb[rows] = e
+
+        for trk in self._live:
+            trk.predict(t)
+        matched: dict[int, int] = {}  # track index -> row
+        if self._live:
+            cost = self._cost(self._live, boxes, None, scores)
+            ok = cost < _INF
+            # rows more than one track could take, or that a track shares with another row
+            ambiguous = (ok.sum(0) > 1) | (ok & (ok.sum(1, keepdims=True) > 1)).any(0)
+            if ambiguous.any() and any(trk.emb is not None for trk in self._live):
+                need(np.flatnonzero(ambiguous))
+                if emb is not None:
+                    cost = self._cost(self._live, boxes, emb, scores)
+            for r, c in _assign(cost, self.cfg.match_thresh):
+                self._live[r].update(boxes[c], t, None, float(scores[c]))
+                ids[c] = self._live[r].track_id
+                matched[r] = c
+        for i, trk in enumerate(self._live):
+            if i not in matched:
+                trk.misses += 1
+        # one call for the rest: faces without a track, and tracks that want a sample
+        free = np.flatnonzero(ids < 0)
+        sample = {r: c for r, c in matched.items() if self._live[r].wants_embedding(t)}
+        need(list(free) + list(sample.values()))
+        if emb is not None:
+            for r, c in sample.items():
+                if np.isfinite(emb[c]).all():
+                    self._live[r].add_embedding(emb[c], t)
+        if emb is not None and len(free):
+            cands = [trk for i, trk in enumerate(self._live) if i not in matched and trk.emb is not None]
+            cands += self._gallery
+            cands = [c for c in cands if c.emb.shape == emb.shape[1:]]
+            if cands:
+                sim = np.stack([c.emb for c in cands]) @ emb[free].T
+                for r, c in _assign(1.0 - sim, 1.0 - self.reid_thresh):
+                    trk, j = cands[r], int(free[c])
+                    log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
+                    trk.reset(boxes[j], t)
+                    trk.update(boxes[j], t, emb[j], float(scores[j]))
+                    if any(g is trk for g in self._gallery):
+                        self._gallery = [g for g in self._gallery if g is not trk]
+                        self._live.append(trk)
+                    ids[j] = trk.track_id
+        for j in np.flatnonzero(ids < 0):
+            e = None if emb is None or not np.isfinite(emb[j]).all() else emb[j]
+            trk = _Track.start(self.cfg, self._next_id, boxes[j], t, e, float(scores[j]))
             self._next_id += 1
             self._live.append(trk)
             ids[j] = trk.track_id
@@ -369,11 +462,15 @@ class FaceTracker:
         cost = c.w_motion * np.minimum(motion, 1.0) + c.w_iou * (1.0 - overlap) + c.w_size * np.minimum(size_term, 1.0)
         if emb is not None:
             has = np.array([trk.emb is not None and trk.emb.shape == emb.shape[1:] for trk in tracks])
-            if has.any():
+            col = np.isfinite(emb).all(1)  # rows embedded (on-demand embedding leaves others NaN)
+            if has.any() and col.any():
                 sim = np.zeros((len(tracks), len(boxes)))
-                sim[has] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb.T
-                app = np.clip(1.0 - sim, 0.0, 1.0)
-                cost = np.where(has[:, None], (1 - c.w_emb) * cost + c.w_emb * app, cost)
+                sim[np.ix_(has, col)] = np.stack([tracks[i].emb for i in np.flatnonzero(has)]) @ emb[col].T
+                # appearance distance in units of the re-id threshold: 0.5 at the threshold,
+                # whatever the model's similarity scale (1 - cosine for a threshold of 0.5)
+                app = np.clip(0.5 * (1.0 - sim) / max(1.0 - self.reid_thresh, 1e-6), 0.0, 1.0)
+                use = has[:, None] & col[None, :]
+                cost = np.where(use, (1 - c.w_emb) * cost + c.w_emb * app, cost)
         best = np.array([trk.best_score for trk in tracks])
         cost = cost + c.w_score * np.clip(1.0 - np.minimum(scores[None, :], best[:, None]), 0.0, 1.0)
         gated = (motion > 1.0) | (size_term > 1.0)

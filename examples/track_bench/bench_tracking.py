@@ -31,6 +31,7 @@ permissively licensed recognition model ships with the project.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -437,6 +438,10 @@ def run_scenario(sc, sprites, bg, detector, args, tmp: Path):
     variants = {"fer": FaceTracker(TrackConfig())}
     if args.sim_embeddings:
         variants["fer+sim_emb"] = FaceTracker(TrackConfig())
+    emb_model = getattr(args, "embedder", None)
+    if emb_model is not None:  # what `process` does by default: the pack's embedding, on demand
+        variants["fer+dlib_emb"] = FaceTracker(dataclasses.replace(TrackConfig(), reid_thresh=emb_model.reid_thresh))
+    n_embedded, t_emb, n_faces = 0, 0.0, 0
     if args.baseline:
         from trackers import ByteTrackTracker
 
@@ -465,8 +470,19 @@ def run_scenario(sc, sprites, bg, detector, args, tmp: Path):
                 rows[name].append((gid, sid, gbox, vis, ids[keep], d.xyxy[keep].astype(np.float64)))
                 continue
             emb = sim_embeddings(gid, gbox, d.xyxy, rng) if name.endswith("sim_emb") else None
+            embed = None
+            if name == "fer+dlib_emb":
+                n_faces += len(d)
+
+                def embed(rows, img=img, kps=d.kps):
+                    nonlocal n_embedded, t_emb
+                    t2 = time.perf_counter()
+                    e = emb_model(img, kps[rows])
+                    t_emb += time.perf_counter() - t2
+                    n_embedded += len(rows)
+                    return e
             t1 = time.perf_counter()
-            out = trk.update(d, t, embeddings=emb)
+            out = trk.update(d, t, embeddings=emb, embed=embed)
             t_trk[name] += time.perf_counter() - t1
             if len(out) != len(d) or (out.track_id < 0).any():
                 raise RuntimeError("FaceTracker dropped a detection or left one without an id")
@@ -481,6 +497,11 @@ def run_scenario(sc, sprites, bg, detector, args, tmp: Path):
             res[name]["per_appearance"] = evaluate(r, args.min_vis, by_appearance=True)
     if "bytetrack" in rows:
         res["bytetrack"]["detections_without_id"] = n_dropped_bt
+    if "fer+dlib_emb" in rows:
+        res["fer+dlib_emb"]["faces_embedded"] = n_embedded
+        res["fer+dlib_emb"]["faces_detected"] = n_faces
+        res["fer+dlib_emb"]["embed_ms_per_frame"] = round(1000 * t_emb / max(n_frames, 1), 1)
+        res["fer+dlib_emb"]["track_ms_per_frame"] = round(1000 * (t_trk["fer+dlib_emb"] - t_emb) / max(n_frames, 1), 2)
     return res
 
 
@@ -518,6 +539,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="0: fixed face-to-path casting; else a random one")
     ap.add_argument("--baseline", action="store_true", help="also run trackers.ByteTrackTracker")
     ap.add_argument("--sim-embeddings", action="store_true", help="also run with simulated embeddings")
+    ap.add_argument("--no-embeddings", action="store_true",
+                    help="skip the variant with the pack's real face embedding (dlib_face_resnet, on demand)")
     ap.add_argument("--no-shared-photos", action="store_true", help="use only insightface's t1 photo")
     ap.add_argument("--keep-videos", type=Path, default=None, help="write the rendered mp4s here")
     ap.add_argument("--json", type=Path, default=None)
@@ -537,6 +560,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"the metrics need the `trackers` package: pip install trackers ({e})") from e
     detector = Detector()
     log.info("detector: %s", detector.name)
+    args.embedder = None
+    if not args.no_embeddings and args.detector == "real":
+        from fer_batch.embed import FaceEmbedder
+
+        if FaceEmbedder.available():
+            args.embedder = FaceEmbedder(device="cpu", threads=args.threads).setup()
+            log.info("embedding: %s (cosine threshold %.3f)", args.embedder.card.name, args.embedder.reid_thresh)
     sprites = load_sprites(detector, not args.no_shared_photos)
     if args.seed:
         sprites = [sprites[i] for i in np.random.default_rng(args.seed).permutation(len(sprites))]

