@@ -64,6 +64,9 @@ class SamplingConfig:
     # decoded pixels per video frame at most; larger streams are scaled down in the decoder
     # (default: DCI 4K, 4096x2160). Higher keeps smaller faces of 8K video and costs memory.
     max_frame_pixels: int = field(default=4096 * 2160, metadata=opt("max_frame_pixels"))
+    # follow symbolic links that resolve outside the input folders (off: they are listed as
+    # skipped; links inside the inputs are always followed, each folder walked once)
+    follow_links: bool = field(default=False, metadata=opt("follow_links"))
 
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
