@@ -367,6 +367,53 @@ def test_images_every_format_decodes_upright_bgr(image_folder):
             assert np.median(diff) < 8, f"{img.path.name}: content differs from the original"
 
 
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 64 48
+%%EndComments
+newpath 0 0 moveto 64 48 lineto stroke
+showpage
+%%EOF
+"""
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.tif"])
+def test_eps_or_other_formats_named_as_images_are_refused(tmp_path, image_folder, name):
+    """Pillow must not pick a decoder from the content: an EPS (Ghostscript), an ICO or a PSD
+    named like an accepted image is refused from the header, naming the file and the formats
+    fer-batch reads."""
+    from PIL import Image
+
+    from fer_batch.io.images import image_size
+
+    eps = tmp_path / name
+    eps.write_bytes(EPS)
+    ico = tmp_path / f"icon_{name}"
+    Image.open(image_folder[0].path).convert("RGB").resize((32, 32)).save(ico, format="ICO")
+    for p in (eps, ico):
+        with pytest.raises(DecodeError, match="not an image in a format fer-batch reads") as ei:
+            image_size(p)
+        assert str(p) in str(ei.value)
+        with pytest.raises(DecodeError, match="JPEG, JPEG2000, PNG"):
+            read_image(p)
+    from fer_batch.io.images import allowed_formats
+
+    assert "EPS" not in allowed_formats() and "ICO" not in allowed_formats()
+
+
+@pytest.mark.parametrize("ext,fmt", [(".ppm", "PPM"), (".pgm", "PPM"), (".tga", "TGA"), (".jp2", "JPEG2000"), (".dib", "DIB")])
+def test_every_accepted_image_extension_still_opens(tmp_path, image_folder, ext, fmt):
+    from PIL import Image
+
+    im = Image.open(image_folder[0].path).convert("L" if ext == ".pgm" else "RGB").resize((40, 30))
+    p = tmp_path / f"x{ext}"
+    im.save(p, format=fmt)
+    assert read_image(p).shape == (30, 40, 3)
+    # a JPEG named .png (a common mislabel) still opens: every accepted format is allowed
+    q = tmp_path / "mislabelled.png"
+    im.convert("RGB").save(q, format="JPEG")
+    assert read_image(q).shape == (30, 40, 3)
+
+
 def test_image_modes_converted(image_folder):
     by = {i.path.name: i.path for i in image_folder}
     ref = read_image(by["01_t1.jpg"]).astype(int)

@@ -29,6 +29,20 @@ IMAGE_EXTS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
+# The Pillow decoders an image file may be opened with, by extension: files are decoded only
+# with the formats these extensions stand for (whatever their content claims), so an EPS or
+# PDF named .jpg never reaches Ghostscript, nor a file any other of Pillow's many decoders.
+# A JPEG named .png still opens (all formats below are allowed for every image extension).
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    ".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".jpe": ("JPEG",), ".jfif": ("JPEG",),
+    ".png": ("PNG",), ".bmp": ("BMP",), ".dib": ("DIB",), ".webp": ("WEBP",),
+    ".tif": ("TIFF",), ".tiff": ("TIFF",), ".gif": ("GIF",),
+    ".ppm": ("PPM",), ".pgm": ("PPM",), ".pbm": ("PPM",), ".pnm": ("PPM",),
+    ".tga": ("TGA",), ".jp2": ("JPEG2000",), ".j2k": ("JPEG2000",), ".avif": ("AVIF",),
+}  # fmt: skip
+if set(IMAGE_FORMATS) != IMAGE_EXTS:  # pragma: no cover - a new extension needs its format
+    raise RuntimeError(f"IMAGE_FORMATS and IMAGE_EXTS differ: {set(IMAGE_FORMATS) ^ IMAGE_EXTS}")
+
 _ID_LEN = 12
 
 

@@ -1,6 +1,8 @@
 """Still images: decode any common format to a BGR uint8 array, orientation applied.
 
-Pillow reads the file; EXIF orientation is applied; gray, palette, alpha (composited on
+Pillow reads the file, with only the decoders of the image formats fer-batch accepts
+(``discover.IMAGE_FORMATS``: JPEG, PNG, BMP/DIB, WebP, TIFF, GIF, PPM/PGM/PBM, TGA, JPEG 2000,
+AVIF), never one picked from the file's content alone; EXIF orientation is applied; gray, palette, alpha (composited on
 black), 16-bit, float and CMYK images are converted to 8-bit BGR. Images above
 ``MAX_IMAGE_PIXELS`` are refused from their header alone, before any pixel is allocated.
 """
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fer_batch.errors import DecodeError
+from fer_batch.io.discover import IMAGE_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,13 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 100_000_000
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """The Pillow formats images are opened with (those of ``IMAGE_FORMATS`` that this Pillow
+    has: AVIF needs Pillow >= 11.3 built with libavif)."""
+    Image.init()
+    return tuple(sorted({f for fs in IMAGE_FORMATS.values() for f in fs} & set(Image.OPEN)))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -129,11 +139,14 @@ def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(path, formats=allowed_formats())
     except Image.DecompressionBombError as e:
         raise DecodeError(f"{path}: image too large ({e}); decompression-bomb guard, not decoded") from e
     except UnidentifiedImageError as e:
-        raise DecodeError(f"{path}: not an image Pillow can read (unrecognised format)") from e
+        raise DecodeError(
+            f"{path}: not an image in a format fer-batch reads ({', '.join(allowed_formats())}); "
+            "its content is another format or damaged"
+        ) from e
     except PermissionError as e:
         raise DecodeError(f"{path}: permission denied") from e
     except (OSError, ValueError, SyntaxError) as e:
