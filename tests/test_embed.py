@@ -195,3 +195,59 @@ def test_build_refuses_a_package_with_another_sha256(tmp_path):
     (tmp_path / SDIST).write_bytes(b"not the package")
     with pytest.raises(ModelError, match="pinned"):
         build_models(only=["dlib_face_resnet"], check=True, wheels_dir=tmp_path)
+
+
+# --------------------------------------------------------------- on-demand embedding in the tracker
+def _dets(boxes, t):
+    from fer_batch.types import FaceDetections
+
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    n = len(b)
+    return FaceDetections(np.zeros(n, np.int64), np.full(n, t), b, np.full(n, 0.9, np.float32), np.zeros((n, 5, 2), np.float32))
+
+
+def test_tracker_asks_for_embeddings_only_when_they_pay():
+    from fer_batch.config import TrackConfig
+    from fer_batch.track import FaceTracker
+
+    rng = np.random.default_rng(0)
+    ident = rng.normal(size=(3, 16))
+    ident /= np.linalg.norm(ident, axis=1, keepdims=True)
+    asked: list[int] = []
+
+    def embedder(who):
+        def embed(rows):
+            asked.extend(int(r) for r in rows)
+            return ident[[who[int(r)] for r in rows]]
+        return embed
+
+    trk = FaceTracker(TrackConfig(reid_thresh=0.9, reid_samples=3, reid_gap_s=1.0))
+    # two faces far apart for 5 s at 2 fps: each embedded when new, then twice more (1 s apart)
+    for k in range(10):
+        t = k / 2
+        out = trk.update(_dets([[100 + k, 100, 180, 200], [500, 100, 580, 200]], t), t, embed=embedder([0, 1]))
+    assert len(asked) == 6, asked
+    ids_first = out.track_id.tolist()
+    # face 0 leaves for 6 s (longer than lost_s) and returns elsewhere; a new person appears too
+    asked.clear()
+    for k in range(12):
+        t = 5.0 + k / 2
+        trk.update(_dets([[500, 100, 580, 200]], t), t, embed=embedder([1]))
+    out = trk.update(_dets([[500, 100, 580, 200], [300, 300, 380, 400], [100, 300, 180, 400]], 11.0), 11.0,
+                     embed=embedder([1, 0, 2]))
+    assert out.track_id[0] == ids_first[1]
+    assert out.track_id[1] == ids_first[0], "returning face takes its id back"
+    assert out.track_id[2] not in ids_first, "a new person gets a new id"
+    assert sorted(asked) == [1, 2], asked  # only the two faces no live track took
+
+
+def test_reid_off_never_embeds():
+    from fer_batch.config import TrackConfig
+    from fer_batch.track import FaceTracker
+
+    def embed(rows):
+        raise AssertionError("embed called with reid off")
+
+    trk = FaceTracker(TrackConfig(reid="off"))
+    for k in range(4):
+        trk.update(_dets([[100, 100, 180, 200]], k / 2), k / 2, embed=embed)

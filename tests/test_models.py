@@ -125,3 +125,30 @@ def test_built_wheel_carries_the_default_pack(tmp_path):
     for c in reg.cards():
         c.verify()
     assert reg.default("face_detection").name
+
+
+def test_every_builder_pins_its_package_sha256_and_matches_its_card():
+    """``models build`` checks each downloaded package against a sha256 pinned in code; the
+    card's provenance records the same value."""
+    from fer_batch.convert.build import BUILDERS
+
+    assert BUILDERS
+    for name, b in BUILDERS.items():
+        assert len(b.sha256) == 64, name
+        card = ModelCard.from_yaml(MODELS / f"{name}.yaml")
+        assert card.file == b.file
+        recorded = card.provenance.get("wheel_sha256") or card.provenance.get("package_sha256")
+        assert recorded == b.sha256, f"{name}: card says {recorded}, builder pins {b.sha256}"
+
+
+def test_face_embedding_card():
+    card = Registry.from_dir(MODELS).default("face_embedding")
+    assert card.name == "dlib_face_resnet"
+    assert card.licence.startswith("CC0 1.0")
+    assert "VGG-Face" in card.provenance["training_data_note"] and "FaceScrub" in card.provenance["training_data_note"]
+    reid = card.metrics["reid"]
+    for key in ("cosine_threshold", "euclidean_threshold", "same_pairs", "different_pairs"):
+        assert key in reid, key
+    assert min(reid["cosine_same_ok"], reid["cosine_different_ok"]) >= 0.98
+    assert card.metrics["parity"]["max_abs_diff_vs_numpy_reference"] <= 1e-4
+    assert card.preprocess["size"] == 150 and len(card.preprocess["align_template"]["points"]) == 5
