@@ -129,6 +129,8 @@ class TrackConfig:
     from its card). ``reid_samples`` / ``reid_gap_s``: a track is embedded at most this many
     times, this many seconds apart, besides the faces no track takes by motion and the faces
     two tracks compete for; more samples make the track's appearance steadier and cost time.
+    ``reid_margin``: faces "compete" when a second track's (or a second face's) motion cost is
+    within this of the best pair's; higher embeds more faces, lower trusts motion more.
 
     Motion model, in units of the face size (sqrt of box area) so one setting fits small and
     large faces: ``accel_std`` (face sizes / s^2): higher lets faces change speed or direction
@@ -154,6 +156,7 @@ class TrackConfig:
     reid_thresh: float | None = None  # None: the embedding model's measured value (its card); 0.5 for InsightFace packs
     reid_samples: int = 3
     reid_gap_s: float = 1.0
+    reid_margin: float = 0.2
     accel_std: float = 3.0
     meas_std: float = 0.15
     init_vel_std: float = 2.0

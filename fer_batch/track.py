@@ -181,6 +181,22 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def _ambiguous(cost: np.ndarray, margin: float) -> np.ndarray:
+    """Detections (columns) motion cannot settle: a second track, or a second detection of the
+    best track, within ``margin`` of the best pair's cost (both inside the gate)."""
+    c = np.where(cost < _INF, cost, np.inf)
+    n, m = c.shape
+    out = np.zeros(m, bool)
+    if n > 1:
+        s = np.sort(c, axis=0)
+        out |= np.isfinite(s[1]) & (s[1] - s[0] < margin)
+    if m > 1:
+        s = np.sort(c, axis=1)
+        close = np.isfinite(s[:, 1:2]) & (c - s[:, :1] < margin) & np.isfinite(c)
+        out |= (close & (close.sum(1, keepdims=True) > 1)).any(0)
+    return out
+
+
 def _assign(cost: np.ndarray, max_cost: float) -> list[tuple[int, int]]:
     """Minimum-cost one-to-one assignment in which leaving a row or column unmatched is allowed.
 
@@ -350,9 +366,7 @@ class FaceTracker:
         matched: dict[int, int] = {}  # track index -> row
         if self._live:
             cost = self._cost(self._live, boxes, None, scores)
-            ok = cost < _INF
-            # rows more than one track could take, or that a track shares with another row
-            ambiguous = (ok.sum(0) > 1) | (ok & (ok.sum(1, keepdims=True) > 1)).any(0)
+            ambiguous = _ambiguous(cost, self.cfg.reid_margin)
             if ambiguous.any() and any(trk.emb is not None for trk in self._live):
                 need(np.flatnonzero(ambiguous))
                 if emb is not None:
