@@ -79,7 +79,8 @@ class FaceEmbedder:
                              f"(N, {spec.channels}, {spec.input_size}, {spec.input_size})")
         self.card, self.spec, self._sess, self._input = card, spec, sess, inp.name
         self._info = {"name": card.name, "file": str(card.path), "sha256": card.sha256, "device": device,
-                      "provider": checked_provider(sess, self.device, device, "face embedder")}
+                      "provider": checked_provider(sess, self.device, device, "face embedder"),
+                      "reid_thresh": (card.metrics.get("reid") or {}).get("cosine_threshold")}
         log.info("face embedding model %s on %s", card.name, self._info["provider"])
         return self
 
