@@ -184,15 +184,15 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _ambiguous(cost: np.ndarray, margin: float) -> np.ndarray:
     """Detections (columns) motion cannot settle: a second track, or a second detection of the
     best track, within ``margin`` of the best pair's cost (both inside the gate)."""
-    c = np.where(cost < _INF, cost, np.inf)
+    ok = cost < _INF
+    c = np.where(ok, cost, _INF)
     n, m = c.shape
     out = np.zeros(m, bool)
-    if n > 1:
+    if n > 1:  # a second track close to the best one for this face
         s = np.sort(c, axis=0)
-        out |= np.isfinite(s[1]) & (s[1] - s[0] < margin)
-    if m > 1:
-        s = np.sort(c, axis=1)
-        close = np.isfinite(s[:, 1:2]) & (c - s[:, :1] < margin) & np.isfinite(c)
+        out |= (s[1] < _INF) & (s[1] - s[0] < margin)
+    if m > 1:  # the best track of some face has a second face close to it
+        close = ok & (c - c.min(axis=1, keepdims=True) < margin)
         out |= (close & (close.sum(1, keepdims=True) > 1)).any(0)
     return out
 
