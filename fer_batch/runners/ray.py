@@ -104,15 +104,18 @@ def embedded_env() -> dict[str, str]:
     """Environment for a private loopback-only Ray instance.
 
     Ray 2.60 otherwise advertises (and listens on) the machine's network address. Token
-    authentication is kept on: with no token configured, a random one lives only in this
-    process's environment (inherited by the Ray processes it starts).
+    authentication is always on, whatever ``RAY_AUTH_MODE`` the caller's environment holds (an
+    inherited ``disabled`` must not open the instance to every local user): the configured
+    token is used (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), else a
+    random one that lives only in this process's environment (inherited by the Ray processes
+    it starts) and is never logged.
     """
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
         Path.home() / ".ray" / "auth_token"
     ).exists()
-    if "RAY_AUTH_MODE" not in os.environ and not has_token:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24))
+    if not has_token:
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(24)
     return env
 
 
@@ -172,9 +175,17 @@ def ray_session(cfg: RunConfig) -> Iterator[dict]:
                     log_to_driver=log.isEnabledFor(logging.DEBUG),
                     namespace="fer-batch",
                 )
-                if cfg.ray.dashboard:
-                    token = f"; token: {env['RAY_AUTH_TOKEN']}" if "RAY_AUTH_TOKEN" in env else ""
-                    log.warning("Ray dashboard: http://%s (loopback only)%s", getattr(info, "dashboard_url", None), token)
+                if cfg.ray.dashboard:  # the token itself is never logged: a file only its owner reads
+                    where = ""
+                    if "RAY_AUTH_TOKEN" in env:
+                        fd = os.open(Path(tmp) / "auth_token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        with os.fdopen(fd, "w") as f:
+                            f.write(env["RAY_AUTH_TOKEN"])
+                        where = f"; its token is in {Path(tmp) / 'auth_token'} (readable by you only)"
+                    log.warning(
+                        "Ray dashboard: http://%s (loopback only, token authentication)%s",
+                        getattr(info, "dashboard_url", None), where,
+                    )  # fmt: skip
                 yield {"embedded": True, "address": ray.get_runtime_context().gcs_address, "temp_dir": tmp}
                 ok = True
             finally:
