@@ -163,7 +163,14 @@ def model_fingerprint(cfg: RunConfig, file_cache: dict[str, dict] | None = None)
     else:
         det = _card_entry(reg.resolve(pack, "face_detection"))
     cls = _card_entry(reg.resolve(cfg.classify.model, "emotion_classification"))
-    return {"detector": det, "classifier": cls}
+    out = {"detector": det, "classifier": cls}
+    # re-identification changes track ids: the default pack's face embedding counts when it is
+    # used (reid not off, and no user pack that brings its own recognition model, hashed above)
+    if cfg.track.reid != "off" and not (pack and Path(pack).expanduser().is_dir()):
+        emb = [c for c in reg.cards("face_embedding") if c.default]
+        if emb:
+            out["embedder"] = _card_entry(emb[0])
+    return out
 
 
 def row_config(cfg: RunConfig) -> dict[str, Any]:
