@@ -264,6 +264,7 @@ def process_source(
     duration_s = reader.duration_s
     hook("source_open", {"source": source, "duration_s": duration_s, "reader": reader})
     error: str | None = None
+    fatal = False  # an error that is not the media's (see below): failed, not partial
     frames = prefetch(reader, depth=cfg.prefetch)
     try:
         for frame in frames:
@@ -280,8 +281,10 @@ def process_source(
         error = str(e)
         log.warning("%s (kept %d frames before it)", e, len(times))
     except Exception as e:  # noqa: BLE001 - one bad item must never stop the batch
+        # Anything else (ONNX Runtime, CUDA out of memory, an I/O error) is not a property of
+        # the media: the source is failed (retried by --retry-failed, exit code 1), never partial.
         log.exception("%s: failed", source.path)
-        error = f"{type(e).__name__}: {e}"
+        error, fatal = f"{type(e).__name__}: {e}", True
     finally:
         frames.close()  # stops and joins the decode thread before the reader goes away
         reader.close()
@@ -289,7 +292,7 @@ def process_source(
         batcher.flush()  # the last batch: its error is this source's, never the run's
     except Exception as e:  # noqa: BLE001 - one bad item must never stop the batch
         log.exception("%s: classifying the last faces failed", source.path)
-        error = error or f"{type(e).__name__}: {e}"
+        error, fatal = (error if fatal else f"{type(e).__name__}: {e}"), True
     dets = FaceDetections.concat(batcher.done)  # the faces classified (all, unless an error)
     smoothed = None
     if cfg.classify.smooth_s > 0 and len(dets):
@@ -301,10 +304,12 @@ def process_source(
     )  # fmt: skip
     if error is None:
         row = SourceRow.ok(source, **figures)
-    elif times:
+    elif times and not fatal:  # only a decoder that broke off mid-stream
         row = SourceRow.partial(source, error, **figures)
     else:
-        row = SourceRow.failed(source, error, **figures)
+        # a failed source leaves no rows (they would be an arbitrary prefix of the media)
+        row = SourceRow.failed(source, error, **{**figures, "faces": 0, "tracks": 0})
+        table = None
     return done(row, table)
 
 

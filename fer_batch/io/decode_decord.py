@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from fer_batch.errors import DecodeError
-from fer_batch.io.decoders import capped_size, clean_error, open_failure_reason
+from fer_batch.io.decoders import capped_size, clean_error, environment_error, open_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ class DecordDecoder:
                     return
                 except Exception as e:
                     self.decode_s += time.perf_counter() - t0
+                    if environment_error(e):  # out of memory, EIO: the machine's, not the stream's
+                        raise
                     # decord's threaded decoder reports a bad packet some frames late (it reads
                     # ahead), losing the good frames in between, and where it fails depends on
                     # timing. Re-open and resume at ``j``: when even frame ``j`` cannot be
@@ -173,6 +175,8 @@ class DecordDecoder:
                     except StopIteration:
                         return
                     except Exception as e2:
+                        if environment_error(e2):
+                            raise
                         raise DecodeError(f"{self.path}: decoding failed {self._where(last_ok)} ({clean_error(e2)})") from e2
                 self._pos = j + 1
                 img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR, dst=img)

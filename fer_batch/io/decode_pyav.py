@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from fer_batch.errors import DecodeError
-from fer_batch.io.decoders import capped_size, clean_error, mp4_structure_problem, open_failure_reason
+from fer_batch.io.decoders import capped_size, clean_error, environment_error, mp4_structure_problem, open_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,8 @@ class PyAVDecoder:
                     try:
                         frames = cc.decode(pk)
                     except av.FFmpegError as e:
+                        if environment_error(e):
+                            raise
                         raise _Restart("error", clean_error(e)) from None
                     active = True
                     for f in frames:
@@ -395,8 +397,12 @@ class PyAVDecoder:
                     try:
                         yield from drain()
                     except av.FFmpegError as e:
+                        if environment_error(e):
+                            raise
                         raise _Restart("error", clean_error(e)) from None
             except av.FFmpegError as e:  # demuxer errors (damaged container)
+                if environment_error(e):  # EIO, ENOMEM: not the media's fault (failed, not partial)
+                    raise
                 raise _Restart("error", clean_error(e)) from None
             # trailing planned frames the decoder never returned: the last decoded one if close
             while ti < len(targets):

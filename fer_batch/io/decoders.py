@@ -152,6 +152,22 @@ class VideoDecoder(Protocol):
 _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\]\s+\S+:\d+:\s*")
 
 
+# errno values that say the machine, not the media, failed (I/O error, out of memory, a
+# vanished network file): never a reason to call a source ``partial``.
+_ENVIRONMENT_ERRNOS = frozenset({5, 6, 12, 19, 28, 116, 122})  # EIO ENXIO ENOMEM ENODEV ENOSPC ESTALE EDQUOT
+
+
+def environment_error(e: BaseException) -> bool:
+    """Whether a decoder's exception is the environment's (I/O, memory), not the stream's.
+
+    Decoders re-raise these as they are instead of turning them into a ``DecodeError``, so the
+    pipeline records the source as ``failed`` (with the error's type) rather than ``partial``.
+    """
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, OSError) and getattr(e, "errno", None) in _ENVIRONMENT_ERRNOS
+
+
 def clean_error(e: BaseException) -> str:
     """decord's messages carry log prefixes and C++ source locations; keep the reason."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
