@@ -276,3 +276,51 @@ def test_pack_with_recognition_model_embeds(tmp_path, card, t1):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(d.embed(t1, dets.kps[2:3]), emb[2:3], atol=1e-5)  # batch-independent
     assert d.embed(t1, np.zeros((0, 5, 2))).shape == (0, 16)
+
+
+def test_batched_detection_equals_one_frame_at_a_time(t1):
+    """detect_batch (one ORT run over N frames, the GPU path) gives each frame's own result;
+    checked on CPU with the batch forced (the default is 1 on CPU, GPU_BATCH on CUDA)."""
+    import cv2
+
+    from fer_batch.detect import FaceDetector
+
+    d = FaceDetector(DetectConfig(det_size=(640, 640)), device="cpu", threads=2, batch_size=4)
+    d.setup()
+    assert d.batch_size == 4 and d.info["batch_size"] == 4
+    frames = [
+        Frame(0, 0.0, t1),
+        Frame(1, 0.5, cv2.flip(t1, 1)),
+        Frame(2, 1.0, np.ascontiguousarray(t1[100:700, 200:1100])),  # another size and aspect
+        Frame(3, 1.5, np.zeros((360, 640, 3), np.uint8)),  # no face
+        Frame(4, 2.0, cv2.resize(t1, (640, 443))),
+    ]
+    batched = d.detect_batch(frames)
+    assert [len(b) for b in batched][:4] == [6, 6, len(d(frames[2])), 0]
+    for f, b in zip(frames, batched):
+        one = d(f)
+        assert len(one) == len(b)
+        np.testing.assert_allclose(b.xyxy, one.xyxy, atol=1e-3)
+        np.testing.assert_allclose(b.kps, one.kps, atol=1e-3)
+        np.testing.assert_allclose(b.det_score, one.det_score, atol=1e-5)
+        assert (b.frame_index == f.index).all()
+    # the stand-ins are gone afterwards: a plain call runs the real session
+    assert "_session_for_input_size" not in vars(d._det)
+    assert FaceDetector(DetectConfig(), device="cpu").__class__  # default on CPU: one frame per run
+    d1 = FaceDetector(DetectConfig(det_size=(640, 640)), device="cpu")
+    d1.setup()
+    assert d1.batch_size == 1
+
+
+@pytest.mark.gpu
+def test_batched_detection_on_cuda(t1):
+    from fer_batch.device import cuda_device_count
+    from fer_batch.detect import GPU_BATCH, FaceDetector
+
+    if cuda_device_count() == 0:
+        pytest.skip("no CUDA GPU")
+    d = FaceDetector(DetectConfig(det_size=(640, 640)), device="cuda")
+    d.setup()
+    assert d.info["provider"] == "CUDAExecutionProvider" and d.batch_size == GPU_BATCH
+    out = d.detect_batch([Frame(i, i / 2, t1) for i in range(GPU_BATCH)])
+    assert [len(o) for o in out] == [6] * GPU_BATCH
