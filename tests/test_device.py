@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from fer_batch.api import run
-from fer_batch.device import cuda_device_count, ort_has_cuda, ort_providers, resolve_device
+from fer_batch.device import cuda_device_count, ort_cuda_problem, ort_providers, resolve_device
 from fer_batch.errors import ConfigError
 
-HAS_GPU = cuda_device_count() > 0 and ort_has_cuda()
+HAS_GPU = cuda_device_count() > 0 and ort_cuda_problem() is None
 gpu = pytest.mark.skipif(not HAS_GPU, reason="no usable CUDA GPU (driver + onnxruntime-gpu) on this machine")
 
 
@@ -18,6 +18,25 @@ def test_cpu_and_auto():
     assert resolve_device("auto") == ("cuda:0" if HAS_GPU else "cpu")
     assert ort_providers("cpu") == ["CPUExecutionProvider"]
     assert ort_providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+
+
+_NO_TORCH = r"""
+import sys
+from fer_batch.api import run
+res = run([sys.argv[1]], max_frames=2)  # --device auto, the default
+assert res.models["detector"]["provider"], res.models
+print("torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+
+def test_device_auto_does_not_import_torch(sample_video):
+    """Detecting the GPU must not cost a torch import (about 0.6 GB in every process)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(sample_video.path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "no torch"
 
 
 def test_bad_device_spec():

@@ -66,7 +66,7 @@ def run_checks() -> list[Check]:
         import torch
 
         cuda = torch.cuda.is_available()
-        checks.append(Check("torch", True, f"{torch.__version__}; CUDA usable: {cuda}"))
+        checks.append(Check("torch", True, f"{torch.__version__}; CUDA usable: {cuda} (training and export only)"))
     except Exception as e:  # noqa: BLE001
         checks.append(Check("torch", False, f"import failed: {e}", "pip install torch==2.14.1 torchvision==0.29.1"))
     # onnxruntime vs onnxruntime-gpu
@@ -93,7 +93,21 @@ def run_checks() -> list[Check]:
                                 "CUDA/TensorRT listed but no GPU: fer-batch uses CPUExecutionProvider (listing is not availability)"))
     except Exception as e:  # noqa: BLE001
         checks.append(Check("onnxruntime", False, f"import failed: {e}", "pip install onnxruntime-gpu"))
+    # What --device auto decides, by the same test it uses (driver API + ORT's CUDA libraries; no torch)
+    try:
+        from fer_batch.device import cuda_device_count, ort_cuda_problem
+
+        n_gpu = cuda_device_count()
+        if n_gpu:
+            problem = ort_cuda_problem()
+            checks.append(Check("device auto", problem is None, f"{n_gpu} CUDA device(s) from the driver; "
+                                + (problem or "ONNX Runtime's CUDA provider loads: --device auto runs on cuda:0"), problem or ""))
+        else:
+            checks.append(Check("device auto", True, "no CUDA device reported by the driver: --device auto runs on cpu"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(Check("device auto", False, f"check failed: {e}"))
     for mod, dist, fix in (
+        ("av", "av", "pip install av"),
         ("decord", "decord", "pip install decord==0.6.0 (x86-64 Linux/Windows wheels only)"),
         ("insightface", "insightface", "pip install insightface==2.1"),
         ("ray", "ray", 'pip install "ray[default]"'),
