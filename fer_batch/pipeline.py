@@ -227,6 +227,23 @@ class _Batcher:
         self.pending, self.n_pending = [], 0
 
 
+def _batched(items, n: int):
+    """Lists of up to ``n`` items; on an error from ``items`` the items before it come first."""
+    buf: list = []
+    try:
+        for x in items:
+            buf.append(x)
+            if len(buf) >= n:
+                yield buf
+                buf = []
+    except Exception:
+        if buf:
+            yield buf
+        raise
+    if buf:
+        yield buf
+
+
 def process_source(
     source: MediaSource,
     stages: Stages,
@@ -266,16 +283,23 @@ def process_source(
     error: str | None = None
     fatal = False  # an error that is not the media's (see below): failed, not partial
     frames = prefetch(reader, depth=cfg.prefetch)
+    # frames decoded smaller than stored (--max-frame-pixels): rows get stored-size pixels
+    unscale = 1.0 / reader.scale if getattr(reader, "scale", 1.0) < 0.999 else None
     try:
-        for frame in frames:
-            dets = stages.detector(frame)
-            # embeddings on demand: only the faces the tracker needs them for
-            embed = (lambda rows, im=frame.image, k=dets.kps: stages.embed(im, k[rows])) if use_reid else None
-            dets = tracker.update(dets, frame.timestamp_s, embed=embed)
-            if len(dets):
-                batcher.add(dets, stages.classifier.crops(frame.image, dets.kps))
-            times.append(frame.timestamp_s)
-            hook("frame", {"source": source, "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "faces": len(dets)})
+        # one detector run per batch of frames on a GPU (detector.batch_size; 1 on CPU)
+        for batch in _batched(frames, getattr(stages.detector, "batch_size", 1)):
+            found = stages.detector.detect_batch(batch) if len(batch) > 1 else [stages.detector(batch[0])]
+            for frame, dets in zip(batch, found):
+                # embeddings on demand: only the faces the tracker needs them for
+                embed = (lambda rows, im=frame.image, k=dets.kps: stages.embed(im, k[rows])) if use_reid else None
+                dets = tracker.update(dets, frame.timestamp_s, embed=embed)
+                if len(dets):
+                    crops = stages.classifier.crops(frame.image, dets.kps)
+                    if unscale:
+                        dets = dets.with_(xyxy=dets.xyxy * unscale, kps=dets.kps * unscale)
+                    batcher.add(dets, crops)
+                times.append(frame.timestamp_s)
+                hook("frame", {"source": source, "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "faces": len(dets)})
     except DecodeError as e:
         # Decoding broke off: keep every row computed so far (none read at all: failed).
         error = str(e)

@@ -221,3 +221,27 @@ def test_8k_video_decodes_capped_within_memory(sample_video, tmp_path):
         assert res["n"] == 6 and res["src"] == [7680, 4320]
         assert res["shape"][0] * res["shape"][1] <= 4096 * 2160
         assert res["rss_mb"] < 1500, (decoder, res)
+
+
+# ---------------------------------------------------------------------------- through the pipeline
+def test_pipeline_rows_equal_across_backends_and_capped_boxes_in_stored_pixels(sample_video, tmp_path):
+    """PyAV and decord give the same rows; with frames scaled down by the pixel cap, boxes are
+    still in the stored video's pixels. The run configuration (decoder included) is recorded."""
+    from fer_batch.api import run
+    from fer_batch.schema import read_metadata
+
+    import pyarrow.parquet as pq
+
+    runs = {d: run([sample_video.path], out=tmp_path / f"{d}.parquet", device="cpu", decoder=d, max_frames=4)
+            for d in ("decord", "pyav")}
+    a, b = (runs[d].faces.sort_by([("frame_index", "ascending"), ("x1", "ascending")]) for d in ("decord", "pyav"))
+    assert a.num_rows == b.num_rows > 0
+    assert a.column("frame_index").to_pylist() == b.column("frame_index").to_pylist()
+    np.testing.assert_allclose(a.column("x1").to_numpy(), b.column("x1").to_numpy(), atol=0.5)
+    np.testing.assert_allclose(a.column("p_happy").to_numpy(), b.column("p_happy").to_numpy(), atol=0.02)
+    assert read_metadata(pq.read_schema(tmp_path / "pyav.parquet"))["config"]["sampling"]["decoder"] == "pyav"
+    small = run([sample_video.path], device="cpu", decoder="pyav", max_frames=4, max_frame_pixels=320 * 180)
+    c = small.faces.sort_by([("frame_index", "ascending"), ("x1", "ascending")])
+    assert c.num_rows == b.num_rows
+    for col in ("x1", "y1", "x2", "y2"):  # a 2x smaller frame: within a few stored pixels
+        np.testing.assert_allclose(c.column(col).to_numpy(), b.column(col).to_numpy(), atol=8.0)
