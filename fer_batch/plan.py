@@ -210,10 +210,10 @@ class Plan:
 
     def units(self) -> Iterator[WorkUnit]:
         for src in self.sources:
+            if self.on_source_start is not None:  # before probing: a probe can crash the process too
+                self.on_source_start(src)
             units = plan_source(src, self.cfg)
             self.units_of[src.source_id] = len(units)
-            if self.on_source_start is not None:
-                self.on_source_start(src)
             yield from units
 
 

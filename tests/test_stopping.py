@@ -5,11 +5,22 @@ Real parts only: generated videos, real model sessions, real subprocesses of ``f
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from fer_batch.classify import EmotionClassifier
 from fer_batch.config import RunConfig, config_from_options
+from fer_batch.incremental import META_INCREMENTAL
 from fer_batch.pipeline import Stages, process_source
 from fer_batch.types import MediaSource
 
@@ -53,3 +64,140 @@ def test_a_runtime_error_after_the_first_frames_is_failed_not_partial(sample_vid
     assert res.row.error and ("Fail" in res.row.error or "InvalidArgument" in res.row.error), res.row.error
     assert res.faces.num_rows == 0
     assert res.row.frames_sampled > 0
+
+
+# --- real subprocesses: SIGTERM, kill -9, internal errors (items 2 and 11) ---------------------
+
+FER_BATCH = Path(sys.executable).with_name("fer-batch")
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def inbox_media(tmp_path_factory) -> Path:
+    """a.jpg, b_slow.mp4 (the source killed in progress), c.jpg: processed in that order."""
+    import cv2
+
+    from fer_batch import synth
+
+    d = tmp_path_factory.mktemp("stop_media")
+    img = synth.load_t1()
+    cv2.imwrite(str(d / "a.jpg"), cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2)))
+    synth.make_sample_video(d / "b_slow.mp4", seconds=3, fps=10, size=(320, 180), seed=3)
+    cv2.imwrite(str(d / "c.jpg"), cv2.resize(img, (img.shape[1] * 2 // 5, img.shape[0] * 2 // 5)))
+    return d
+
+
+def _inbox(media: Path, dest: Path) -> Path:
+    shutil.copytree(media, dest)
+    return dest
+
+
+def _cmd(inbox: Path, ds: Path, *extra: str) -> list[str]:
+    return [str(FER_BATCH), "process", str(inbox), "--out", str(ds), "--incremental", "--quiet", "--fps", "10",
+            "--device", "cpu", *extra]
+
+
+def _start_and_signal_when_in_progress(cmd: list[str], ds: Path, name: str, sig: int) -> subprocess.Popen:
+    """Start ``cmd``; as soon as the dataset's in-progress record names ``name``, send ``sig``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    rec = ds / "_state" / "in_progress.json"
+    while proc.poll() is None:
+        try:
+            running = json.loads(rec.read_bytes())["running"]
+        except (OSError, ValueError, KeyError):
+            running = {}
+        if any(Path(r["path"]).name == name for r in running.values()):
+            os.kill(proc.pid, sig)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=120)
+    return proc
+
+
+def _rows_per_input(ds: Path) -> dict[str, list[int]]:
+    """Input name -> rows of each of its parts."""
+    out: dict[str, list[int]] = {}
+    for p in sorted(ds.glob("date=*/part-*.parquet")):
+        inc = json.loads(pq.read_schema(p).metadata[META_INCREMENTAL])
+        out.setdefault(Path(inc["source_path"]).name, []).append(pq.read_metadata(p).num_rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_rows(inbox_media, tmp_path_factory) -> dict[str, list[int]]:
+    root = tmp_path_factory.mktemp("stop_ref")
+    r = subprocess.run(_cmd(_inbox(inbox_media, root / "inbox"), root / "ds"), env=_env(), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    rows = _rows_per_input(root / "ds")
+    assert set(rows) == {"a.jpg", "b_slow.mp4", "c.jpg"} and rows["a.jpg"][0] > 0 and rows["c.jpg"][0] > 0
+    return rows
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_exits_143_leaves_no_temp_files_and_a_consistent_dataset(inbox_media, reference_rows, tmp_path):
+    """Item 11: SIGTERM while a source is in progress: exit code 143 (not 1), no temp file
+    anywhere, the run summary says so, the source is not counted as a crash, and the next run
+    completes the dataset with every input's rows exactly once."""
+    inbox, ds = _inbox(inbox_media, tmp_path / "inbox"), tmp_path / "ds"
+    proc = _start_and_signal_when_in_progress(_cmd(inbox, ds), ds, "b_slow.mp4", signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not [p for p in ds.rglob("*") if p.name.endswith(".tmp")]
+    summary = json.loads((ds / "_runs" / "latest.json").read_bytes())
+    assert summary["exit_code"] == 143 and "SIGTERM" in summary["error"]
+    ip = json.loads((ds / "_state" / "in_progress.json").read_bytes())
+    assert ip == {"running": {}, "deaths": {}}  # stopped on purpose: not a crash of that source
+    assert "b_slow.mp4" not in _rows_per_input(ds)  # it was in progress: nothing of it landed
+    r = subprocess.run(_cmd(inbox, ds), env=_env(), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert _rows_per_input(ds) == reference_rows
+
+
+@pytest.mark.slow
+def test_a_source_in_progress_when_two_runs_died_is_recorded_failed(inbox_media, reference_rows, tmp_path):
+    """Item 2: kill -9 while b_slow.mp4 is in progress, in two runs in a row: the third run
+    records it failed ("the process died while decoding this file in 2 runs", exit code 1),
+    it has no rows, every other input has its rows exactly once; later runs skip it until
+    --retry-failed."""
+    inbox, ds = _inbox(inbox_media, tmp_path / "inbox"), tmp_path / "ds"
+    for _ in range(2):
+        proc = _start_and_signal_when_in_progress(_cmd(inbox, ds), ds, "b_slow.mp4", signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    r = subprocess.run(_cmd(inbox, ds), env=_env(), capture_output=True)
+    assert r.returncode == 1, r.stderr.decode()[-3000:]
+    summary = json.loads((ds / "_runs" / "latest.json").read_bytes())
+    b = [o for o in summary["inputs"] if Path(o["path"]).name == "b_slow.mp4"]
+    assert len(b) == 1 and b[0]["status"] == "failed", b
+    assert b[0]["error"] == "the process died while decoding this file in 2 runs"
+    rows = _rows_per_input(ds)
+    assert "b_slow.mp4" not in rows
+    assert rows == {k: v for k, v in reference_rows.items() if k != "b_slow.mp4"}
+    from fer_batch.incremental import sources_table
+
+    st = {Path(p).name: s for p, s in zip(sources_table(ds).column("path").to_pylist(),
+                                          sources_table(ds).column("status").to_pylist())}
+    assert st["b_slow.mp4"] == "failed"
+    # later runs leave it alone (nothing to do); --retry-failed plans it again
+    from fer_batch.incremental import IncrementalDataset
+
+    cfg = config_from_options(fps=10.0, device="cpu")
+    for retry, work in ((False, []), (True, ["b_slow.mp4"])):
+        with IncrementalDataset(ds) as d:
+            assert [Path(w.source.path).name for w in d.plan([inbox], cfg, retry_failed=retry).work] == work
+
+
+def test_an_internal_error_has_its_own_exit_code(tmp_path):
+    """Item 11: a bug (an exception no handler expects) exits 4 with its traceback, not 1."""
+    code = ("import sys; from fer_batch import cli\n"
+            "def boom():\n    raise RuntimeError('a bug')\n"
+            "reg = cli._register_all\n"
+            "cli._register_all = lambda: (reg(), cli.app.command('boom')(boom))\n"
+            "sys.exit(cli.main(['boom']))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 4, err
+    assert "RuntimeError: a bug" in err and "internal error" in err

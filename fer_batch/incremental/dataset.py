@@ -23,7 +23,7 @@ from fer_batch.version import __version__
 from fer_batch.config import RunConfig
 from fer_batch.device import resolve_device
 from fer_batch.driver import execute
-from fer_batch.errors import ConfigError, FerBatchError, OutputError
+from fer_batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, FerBatchError, OutputError, Terminated
 from fer_batch.incremental.sink import DatasetSink
 from fer_batch.incremental.store import (
     CORRUPT_DIR,
@@ -48,6 +48,9 @@ from fer_batch.incremental.store import (
     run_fingerprint,
     source_files,
     WorkItem,
+    CRASH_LIMIT,
+    read_in_progress,
+    write_in_progress,
 )
 from fer_batch.io import discover
 from fer_batch.schema import SCHEMA_VERSION, SourceRow, read_metadata
@@ -98,6 +101,10 @@ class IncrementalDataset:
         self.started = datetime.now(timezone.utc)
         self.run_id = new_run_id(self.started)
         self.reconcile_report: dict[str, Any] = {}
+        # in-progress record (store.IN_PROGRESS): sources started and not landed, crash counts
+        self.running: dict[str, dict] = {}
+        self.deaths: dict[str, dict] = {}
+        self.quarantined: dict[str, str] = {}  # source_id -> reason, recorded failed by this run
         self._t0 = time.perf_counter()
 
     # --- open / close ------------------------------------------------------------------------
@@ -259,12 +266,44 @@ class IncrementalDataset:
         self.reconcile_report = report
         if self._pending_marker is not None:
             atomic_write_bytes(*self._pending_marker)
+        self._account_deaths(state)
         if problem or any(report[k] for k in ("temp_removed", "superseded_removed", "corrupt_moved", "parts_read",
                                                "state_entries_dropped")):
             self.save_state()
             if problem and (problem != "missing" or report["parts"]):
                 log.warning("state %s: rebuilt from %d part file(s) of the dataset", problem, report["parts"])
         fsync_dir(self.root)
+
+    def save_in_progress(self) -> None:
+        write_in_progress(self.root, self.running, self.deaths)
+
+    def _account_deaths(self, state: State) -> None:
+        """Sources still marked in progress were being processed when a run died (kill -9, an
+        FFmpeg segfault, the OOM killer): count it; at ``CRASH_LIMIT`` runs record the source
+        as failed, so one file that kills the process cannot stall every later run."""
+        ip = read_in_progress(self.root)
+        self.deaths = ip["deaths"]
+        if not ip["running"]:
+            return
+        for sid, rec in ip["running"].items():
+            before = self.deaths.get(sid)
+            same = before and (before.get("content"), before.get("run_fp")) == (rec.get("content"), rec.get("run_fp"))
+            count = (int(before.get("count", 0)) if same else 0) + 1
+            if count >= CRASH_LIMIT:
+                why = f"the process died while decoding this file in {count} runs"
+                state.failed[sid] = {"path": rec.get("path"), "kind": rec.get("kind", "other"), "content": rec.get("content"),
+                                     "run_fp": rec.get("run_fp"), "error": why, "run_id": self.run_id}
+                self.deaths.pop(sid, None)
+                self.quarantined[sid] = why
+                log.error("%s: %s; recorded as failed (retried when it changes, or with --retry-failed)", rec.get("path"), why)
+            else:
+                self.deaths[sid] = {**rec, "count": count}
+                log.warning("%s: a previous run died while processing it (%d of %d before it is recorded as failed)",
+                            rec.get("path"), count, CRASH_LIMIT)
+        self.reconcile_report["died_in_progress"] = sorted(ip["running"])
+        if self.quarantined:
+            self.save_state()
+        self.save_in_progress()
 
     def _read_part_entry(self, f: Path, rel: str, size: int, foreign: list[str]) -> dict | None:
         try:
@@ -343,6 +382,11 @@ class IncrementalDataset:
                 outcomes.append({"path": str(src.path), "source_id": src.source_id, "outcome": "unchanged",
                                  "status": prev.get("status", "ok"), "rows": prev.get("rows"), "part": prev["part"]})
                 continue
+            if src.source_id in self.quarantined and not retry_failed:  # recorded failed by this run
+                why = self.quarantined[src.source_id]
+                outcomes.append({"path": str(src.path), "source_id": src.source_id, "outcome": "failed",
+                                 "status": "failed", "error": why, "row": SourceRow.failed(src, why).to_dict()})
+                continue
             if fail and fail.get("content") == content and fail.get("run_fp") == run_fp and not retry_failed:
                 outcomes.append({"path": str(src.path), "source_id": src.source_id, "outcome": "unchanged",
                                  "status": "failed", "error": fail.get("error"),
@@ -381,13 +425,19 @@ class IncrementalDataset:
             error, error_code = str(e), EXIT_USAGE
             raise
         except KeyboardInterrupt:
-            error, error_code = "interrupted", 130
+            error, error_code = "interrupted", EXIT_INTERRUPTED
+            raise
+        except Terminated:
+            error, error_code = "terminated (SIGTERM)", EXIT_TERMINATED
             raise
         except BaseException as e:
-            error, error_code = f"{type(e).__name__}: {e}", EXIT_FAILED
+            error, error_code = f"{type(e).__name__}: {e}", EXIT_INTERNAL
             raise
         finally:
             try:
+                if self.running:  # this process stops on its own (error, Ctrl-C, SIGTERM): no crash to count
+                    self.running.clear()
+                    self.save_in_progress()
                 self.save_state()
                 result = self._summarise(plan, list(plan.outcomes) + sink.outcomes, sink.models, device, sink.decoded,
                                          sink.rows_written, sink.parts_removed, error, error_code)

@@ -8,6 +8,7 @@ older part is removed, then the state is saved: see :mod:`fer_batch.incremental`
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -48,7 +49,14 @@ class DatasetSink:
         self.models = self.models or dict(models)
 
     def source_started(self, source: MediaSource) -> None:
-        return None
+        """Record (durably) that ``source`` is in progress, before any of it is probed or
+        decoded: if the process dies now, the next run knows which input it was on."""
+        item = self.items[source.source_id]
+        self.ds.running[source.source_id] = {
+            "path": str(source.path), "kind": source.kind, "content": item.content, "run_fp": self.plan.run_fp,
+            "run_id": self.plan.run_id, "pid": os.getpid(), "started_ns": time.time_ns(),
+        }
+        self.ds.save_in_progress()
 
     def faces(self, source: MediaSource, table: pa.Table) -> None:
         if table.num_rows:
@@ -59,6 +67,10 @@ class DatasetSink:
         self._faces = []
         self.decoded += 1
         o = self._land(self.items[source.source_id], faces, row)
+        # landed (or its failure recorded): no longer in progress, and its crash count is over
+        self.ds.running.pop(source.source_id, None)
+        self.ds.deaths.pop(source.source_id, None)
+        self.ds.save_in_progress()
         self.rows_written += o.get("rows", 0) if o["outcome"] != "failed" else 0
         self.parts_removed += o.pop("_removed", 0)
         self.outcomes.append(o)

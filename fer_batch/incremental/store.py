@@ -50,6 +50,30 @@ _NOT_ROW_CHANGING = {
 _FINGERPRINT_SECTIONS = ("sampling", "detect", "track", "classify")
 
 
+# In-progress record (issue 11 item 2): the sources a run has started and not landed, and how
+# many runs died while each was in progress. A source in progress when CRASH_LIMIT runs died is
+# recorded as failed (and skipped until it changes or --retry-failed).
+IN_PROGRESS = "in_progress.json"
+CRASH_LIMIT = 2
+
+
+def read_in_progress(root: Path) -> dict[str, dict]:
+    """``{"running": {source_id: record}, "deaths": {source_id: record + count}}`` (empty if
+    missing or unreadable: losing it only forgets crash counts)."""
+    try:
+        raw = json.loads((Path(root) / STATE_DIR / IN_PROGRESS).read_bytes())
+        if isinstance(raw, dict) and all(isinstance(raw.get(k), dict) for k in ("running", "deaths")):
+            return {"running": raw["running"], "deaths": raw["deaths"]}
+    except (OSError, ValueError):
+        pass
+    return {"running": {}, "deaths": {}}
+
+
+def write_in_progress(root: Path, running: dict[str, dict], deaths: dict[str, dict]) -> None:
+    atomic_write_bytes(Path(root) / STATE_DIR / IN_PROGRESS,
+                       json.dumps({"running": running, "deaths": deaths}, indent=1, sort_keys=True).encode())
+
+
 class LockHeldError(OutputError):
     """Another run holds the dataset's lock (exit code 3)."""
 
@@ -84,6 +108,9 @@ def atomic_write(path: Path, write) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write: {e}") from e
+    except BaseException:  # SIGTERM (Terminated), Ctrl-C, an encoder error: no temp file left
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
