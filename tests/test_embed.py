@@ -251,3 +251,43 @@ def test_reid_off_never_embeds():
     trk = FaceTracker(TrackConfig(reid="off"))
     for k in range(4):
         trk.update(_dets([[100, 100, 180, 200]], k / 2), k / 2, embed=embed)
+
+
+# --------------------------------------------------------------- transfer learning start
+def test_init_dlib_face_loads_the_shipped_backbone():
+    import torch
+
+    from fer_batch.errors import ConfigError
+    from fer_batch.preprocess import PreprocessSpec
+    from fer_batch.train.engine import TrainArgs, _init_weights
+    from fer_batch.train.models import build_model
+    from fer_batch.train.nets import dlib_face_state_dict
+
+    sd = dlib_face_state_dict()
+    assert len(sd) == 58  # 29 convolutions, weight + bias
+    spec = PreprocessSpec(size=112, colour="gray", mean=(0.5,), std=(0.5,))
+    arch = {"name": "dlib_resnet", "dropout": 0.3}
+    model = build_model(arch, 7, 1)
+    _init_weights(model, TrainArgs(data="x", out="y", arch=arch, init="dlib_face"), spec)
+    assert torch.allclose(model.stem.weight, sd["stem.weight"].sum(1, keepdim=True))  # gray: colour filters summed
+    assert torch.equal(model.blocks[13].c2.weight, sd["blocks.13.c2.weight"])
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 112, 112)).shape == (2, 7)
+    # colour model: the body's pooled features times the card's fc give the shipped embedding
+    rgb = build_model(dict(arch, in_mean=0.0, in_std=1.0), 7, 3)
+    rgb.load_state_dict(sd, strict=False)
+    rgb.eval()
+    from fer_batch.embed import FaceEmbedder
+
+    e = FaceEmbedder(threads=1).setup()
+    chips = e.chips(synth.load_t1(), np.asarray(synth.T1_FACE_KPS, np.float32)[:2])
+    import onnx
+    from onnx import numpy_helper
+
+    w = next(numpy_helper.to_array(i) for i in onnx.load(str(e.card.path)).graph.initializer if i.name.startswith("fc_w"))
+    with torch.no_grad():
+        f = rgb.features(torch.from_numpy(chips[..., ::-1].transpose(0, 3, 1, 2) / 255.0).float()).numpy()
+    assert np.abs(f @ w - e.embed_chips(chips, normalise=False)).max() < 1e-4
+    with pytest.raises(ConfigError, match="--arch dlib_resnet"):
+        _init_weights(build_model({"name": "vgg"}, 7, 1), TrainArgs(data="x", out="y", init="dlib_face"), spec)
