@@ -152,7 +152,7 @@ class TrackConfig:
 
     lost_s: float = field(default=3.0, metadata=opt("lost_s"))
     match_thresh: float = 0.8
-    reid: str = field(default="auto", metadata=opt("reid"))  # auto: the pack's recognition model if it has one; off; on
+    reid: str = field(default="auto", metadata=opt("reid"))  # auto: the detector pack's recognition model, else the default face_embedding card; off; on
     reid_thresh: float | None = None  # None: the embedding model's measured value (its card); 0.5 for InsightFace packs
     reid_samples: int = 3
     reid_gap_s: float = 1.0

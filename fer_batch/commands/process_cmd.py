@@ -84,7 +84,7 @@ def process(
     batch_size: int = typer.Option(64, help="Faces per classifier batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     smooth: float = typer.Option(0.0, help="Temporal smoothing window per track, seconds (0 = off; raw values are always kept)."),
-    reid: str = typer.Option("auto", help="Re-identify returning faces by embedding: auto (when the pack has a recognition model) | on | off."),
+    reid: str = typer.Option("auto", help="Re-identify returning faces by embedding: auto (the detector pack's recognition model, else the default pack's face embedding) | on | off."),
     runner: str = typer.Option("local", help="local (in-process) | ray."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster (auto, ray://host:10001); default: an embedded local instance."),
     num_workers: Optional[int] = typer.Option(None, help="Ray worker actors."),
