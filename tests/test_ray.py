@@ -186,6 +186,76 @@ def test_embedded_ray_equals_local_and_leaves_nothing_running(inputs, reference,
 
 
 @pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    """A 6 s video (3 segments at 2 s), a photo and a broken file: the smallest mix that splits."""
+    from fer_batch import synth
+
+    d = tmp_path_factory.mktemp("eq_media")
+    synth.make_sample_video(d / "a_long.mp4", seconds=6, fps=25, size=(480, 270), seed=3)
+    cv2.imwrite(str(d / "c_photo.jpg"), cv2.resize(synth.load_t1(), (640, 443)))
+    synth.write_random_bytes(d / "d_broken.mp4", 20_000)
+    return d
+
+
+@pytest.mark.slow
+class TestLocalEqualsRay:
+    """One Ray instance (started once for the class, loopback only, own temp folder) serves
+    every parameter: the runner joins an initialised Ray instead of starting its own."""
+
+    @pytest.fixture(scope="class")
+    def local_ray(self):
+        import shutil
+        import tempfile
+
+        import ray
+
+        assert not ray.is_initialized(), "runs before the module's cluster fixture"
+        tmp = tempfile.mkdtemp(prefix="fbq-", dir="/tmp")  # short: Ray's socket paths are limited
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
+                 object_store_memory=256 * 1024 * 1024, logging_level="WARNING", log_to_driver=False)  # fmt: skip
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @pytest.mark.parametrize("segment_seconds", [None, 2.0], ids=["whole", "split"])
+    def test_local_and_ray_runners_give_identical_outputs(self, local_ray, small_inputs, tmp_path, segment_seconds):
+        """The same plan, stage code, merge and sink under both runners: identical rows (track
+        ids included), tracks and sources, with and without splitting the video into segments."""
+        from fer_batch.api import run
+
+        opts = dict(fps=2.0, lost_s=1.0, threads=1, device="cpu", smooth=1.0, segment_seconds=segment_seconds)
+        units: dict[str, list] = {"local": [], "ray": []}
+        got = {}
+        for runner in ("local", "ray"):
+            def hook(step, payload, runner=runner):
+                if step == "unit_done":
+                    units[runner].append((payload["source"].path.name, payload["index"], payload["count"]))
+
+            out = tmp_path / runner / "report.parquet"
+            extra = {"num_workers": 2, "cpus_per_worker": 1.0} if runner == "ray" else {}
+            res = run([small_inputs], out=out, runner=runner, hook=hook, **extra, **opts)
+            assert res.exit_code == 1  # the broken file
+            got[runner] = _read(out)
+        n = 3 if segment_seconds else 1
+        for runner in units:
+            assert sorted(u for u in units[runner] if u[0] == "a_long.mp4") == [("a_long.mp4", i, n) for i in range(n)]
+        local, remote = got["local"], got["ray"]
+        for name in ("faces", "tracks"):
+            a, b = local[name].replace_schema_metadata(None), remote[name].replace_schema_metadata(None)
+            assert a.num_rows == b.num_rows and a.num_rows > 0
+            assert a.schema == b.schema
+            for c in a.column_names:
+                x, y = a.column(c).to_pylist(), b.column(c).to_pylist()
+                if pa.types.is_floating(a.schema.field(c).type) or c == "landmarks":
+                    np.testing.assert_allclose(np.array(x, dtype=float), np.array(y, dtype=float), atol=1e-5, err_msg=c)
+                else:
+                    assert x == y, (name, c)  # track ids too: the same stitching of the same rows
+        assert local["sources"].drop(["wall_s"]).to_pylist() == remote["sources"].drop(["wall_s"]).to_pylist()
+
+
+@pytest.fixture(scope="module")
 def s3_endpoint():
     """A real S3-compatible server (moto) on 127.0.0.1, with credentials in the environment."""
     moto_server = pytest.importorskip("moto.server")
