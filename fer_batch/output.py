@@ -1,13 +1,19 @@
 """Writing the three output tables, atomically, to a local path or a pyarrow filesystem URI.
 
 ``report.parquet`` (faces), ``report.sources.parquet`` and ``report.tracks.parquet`` beside it.
-Local/POSIX paths: each file is written under a temporary name in the same directory and
-renamed into place, so a reader never sees a half-written file. Object stores (``s3://`` ...):
-each object is written once under its final key (a PUT is atomic there).
+Every file is written under a hidden temporary name beside its final one (``.NAME.XXXX.tmp``:
+a temporary file in the same directory, or a temporary key in the same bucket prefix) and
+moved into place only when it is complete: ``os.replace`` locally, a server-side copy then a
+delete of the temporary key on object stores (``s3://`` ...; the copy replaces the object
+atomically for readers). A run that fails before finishing removes its temporary files and
+leaves the last good outputs in place; a run that is interrupted (Ctrl-C, SIGTERM, an error
+outside the inputs) writes the sources it completed with ``fer_batch.complete = false`` in
+every file's metadata (``true`` otherwise). See jobs/README.md for what is guaranteed.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import uuid
@@ -20,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fer_batch.errors import OutputError
-from fer_batch.schema import FACES_SCHEMA, SOURCES_SCHEMA, TRACKS_SCHEMA, rows_to_table, with_metadata
+from fer_batch.schema import FACES_SCHEMA, META_COMPLETE, SOURCES_SCHEMA, TRACKS_SCHEMA, rows_to_table, with_metadata
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +75,8 @@ class AtomicParquetWriter:
     def __init__(self, path: str, schema: pa.Schema):
         self.fs, self.path, self.local = resolve_fs(path)
         self.schema = schema
-        self.tmp = (
-            str(Path(self.path).with_name(f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp")) if self.local else self.path
-        )
+        # the temporary file / key beside the final one (same directory: same filesystem, same bucket)
+        self.tmp = str(Path(self.path).with_name(f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp"))
         if self.local:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -86,19 +91,47 @@ class AtomicParquetWriter:
             self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
             self.rows += table.num_rows
 
-    def close(self) -> None:
-        self._writer.close()
-        self._sink.close()
-        if self.local:
-            os.replace(self.tmp, self.path)
+    def close(self, metadata: Mapping[bytes, bytes] | None = None) -> None:
+        """Finish the file (adding ``metadata`` to its footer) and move it into place."""
+        try:
+            if metadata:
+                # Footer key-values, and the same in the stored Arrow schema (what
+                # ``pq.read_schema(...).metadata`` and every Arrow reader return).
+                schema = self.schema.with_metadata({**(self.schema.metadata or {}), **metadata})
+                kv = {k.decode(): v.decode() for k, v in metadata.items()}
+                kv["ARROW:schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
+                self._writer.add_key_value_metadata(kv)
+            self._writer.close()
+            self._sink.close()
+            if self.local:
+                os.replace(self.tmp, self.path)
+            else:
+                self.fs.move(self.tmp, self.path)
+        except BaseException as e:
+            self._remove_tmp()
+            if isinstance(e, (OSError, pa.ArrowException)):
+                raise OutputError(f"{self.path}: cannot write: {e}") from e
+            raise
 
     def abort(self) -> None:
+        """Drop the temporary file; the final name keeps what it had (the last good output)."""
         try:
             self._writer.close()
             self._sink.close()
+        except Exception:  # noqa: BLE001 - removing the temp file matters more
+            pass
         finally:
-            if self.local and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        try:
+            if self.local:
+                if os.path.exists(self.tmp):
+                    os.unlink(self.tmp)
+            elif self.fs.get_file_info(self.tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(self.tmp)
+        except (OSError, pa.ArrowException) as e:
+            log.warning("could not remove the temporary output %s: %s", self.tmp, e)
 
 
 def write_table(path: str, table: pa.Table) -> None:
@@ -109,6 +142,10 @@ def write_table(path: str, table: pa.Table) -> None:
         w.abort()
         raise
     w.close()
+
+
+def _completeness(complete: bool) -> dict[bytes, bytes]:
+    return {META_COMPLETE: b"true" if complete else b"false"}
 
 
 @dataclass
@@ -136,13 +173,19 @@ class RunOutputs:
     def add_tracks(self, tracks: pa.Table) -> None:
         self._track_parts.append(tracks)
 
-    def finish(self, source_rows: list[dict]) -> None:
-        """Close the faces file and write the sources and tracks tables."""
-        self._faces.close()
+    def finish(self, source_rows: list[dict], complete: bool = True) -> None:
+        """Close the faces file and write the sources and tracks tables; ``complete=False``
+        (an interrupted run) is recorded in the metadata of all three."""
+        flag = _completeness(complete)
         tracks = pa.concat_tables(self._track_parts) if self._track_parts else TRACKS_SCHEMA.empty_table()
-        write_table(self.tracks_path, tracks.replace_schema_metadata(self.tracks_schema.metadata))
         sources = rows_to_table(source_rows, SOURCES_SCHEMA)
-        write_table(self.sources_path, sources.replace_schema_metadata(self.sources_schema.metadata))
+        try:
+            write_table(self.tracks_path, tracks.replace_schema_metadata({**self.tracks_schema.metadata, **flag}))
+            write_table(self.sources_path, sources.replace_schema_metadata({**self.sources_schema.metadata, **flag}))
+        except BaseException:
+            self._faces.abort()
+            raise
+        self._faces.close(flag)  # the faces file last: the one a reader opens first
 
     def abort(self) -> None:
         self._faces.abort()

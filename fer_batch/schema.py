@@ -80,6 +80,7 @@ META_SCHEMA_VERSION = b"fer_batch.schema_version"
 META_VERSION = b"fer_batch.version"
 META_MODELS = b"fer_batch.models"
 META_CONFIG = b"fer_batch.config"
+META_COMPLETE = b"fer_batch.complete"  # "true"; "false" in the outputs of an interrupted run
 
 
 def faces_to_table(
@@ -281,4 +282,6 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
         out["models"] = json.loads(m[META_MODELS])
     if META_CONFIG in m:
         out["config"] = json.loads(m[META_CONFIG])
+    if META_COMPLETE in m:
+        out["complete"] = m[META_COMPLETE] == b"true"
     return out

@@ -97,9 +97,9 @@ class TableSink:
         """Keep what is done: finish the files with the sources completed so far."""
         if self._outputs is None:
             return
-        log.warning("interrupted: writing the %d sources completed so far", self.completed)
+        log.warning("interrupted: writing the %d sources completed so far (marked complete: false)", self.completed)
         try:
-            self._outputs.finish([r.to_dict() for r in self.rows])
+            self._outputs.finish([r.to_dict() for r in self.rows], complete=False)
         except Exception:  # noqa: BLE001 - keep the original error
             log.exception("could not finish the outputs of the interrupted run")
             self._outputs.abort()
