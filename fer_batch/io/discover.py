@@ -134,7 +134,7 @@ def discover(
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     as_sequence = sampling.images_as == "sequence"
-    follow_all = bool(getattr(sampling, "follow_links", False))
+    follow_all = sampling.follow_links
 
     def not_processed(p: Path, kind: str, status: str, why: str) -> None:
         shown = display_path(p)
