@@ -50,12 +50,11 @@ class _Restart(Exception):
 
 
 def _import_av():
+    """PyAV, with FFmpeg's log kept away from Python (PyAV's default since 13: a Python log
+    callback called from FFmpeg's decoder threads can deadlock against the GIL; decode
+    problems reach users as DecodeError messages instead)."""
     import av
 
-    try:
-        av.logging.set_level(av.logging.PANIC)  # decode problems reach users as DecodeError
-    except Exception:  # pragma: no cover
-        pass
     return av
 
 
