@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -24,9 +25,15 @@ def video_source(path) -> MediaSource:
     return MediaSource(path=p, kind="video", source_id=source_id_for(p))
 
 
-def read_all(path, sampling=SamplingConfig(fps=None), **kw):
-    with MediaReader(video_source(path), sampling, **kw) as r:
+def read_all(path, sampling=SamplingConfig(fps=None), decoder: str = "decord", **kw):
+    with MediaReader(video_source(path), dataclasses.replace(sampling, decoder=decoder), **kw) as r:
         return list(r), r
+
+
+@pytest.fixture(params=["decord", "pyav"])
+def decoder(request) -> str:
+    """Video tests that take this fixture run against both decoder backends."""
+    return request.param
 
 
 # ---------------------------------------------------------------------------- discover
@@ -239,8 +246,8 @@ def test_segments_concatenate_to_the_whole_plan():
 
 
 # ---------------------------------------------------------------------------- video reading
-def test_video_reader_samples_real_frames_at_2fps(sample_video):
-    frames, r = read_all(sample_video.path, SamplingConfig())
+def test_video_reader_samples_real_frames_at_2fps(sample_video, decoder):
+    frames, r = read_all(sample_video.path, SamplingConfig(), decoder=decoder)
     assert (r.width, r.height) == (640, 360)
     assert r.frame_count == sample_video.frame_count == 100
     assert r.native_fps == pytest.approx(25.0)
@@ -248,7 +255,7 @@ def test_video_reader_samples_real_frames_at_2fps(sample_video):
     assert [f.index for f in frames] == [0, 13, 25, 38, 50, 63, 75, 88]
     assert [f.timestamp_s for f in frames] == pytest.approx([f.index / 25 for f in frames], abs=1e-4)
     # frames equal the same frames decoded in order (skip/seek lands on the exact frame)
-    seq, _ = read_all(sample_video.path, SamplingConfig(fps=None), allow_seek=False)
+    seq, _ = read_all(sample_video.path, SamplingConfig(fps=None), allow_seek=False, decoder=decoder)
     for f in frames:
         assert f.image.dtype == np.uint8 and f.image.shape == (360, 640, 3)
         assert np.array_equal(f.image, seq[f.index].image)
@@ -259,19 +266,19 @@ def test_video_reader_samples_real_frames_at_2fps(sample_video):
     assert ok and np.abs(ref.astype(int) - frames[0].image.astype(int)).mean() < 2.0
 
 
-def test_video_reader_every_start_end_max(sample_video):
-    frames, _ = read_all(sample_video.path, SamplingConfig(fps=None, every=10, start_s=1.0, end_s=3.0))
+def test_video_reader_every_start_end_max(sample_video, decoder):
+    frames, _ = read_all(sample_video.path, SamplingConfig(fps=None, every=10, start_s=1.0, end_s=3.0), decoder=decoder)
     assert [f.index for f in frames] == [25, 35, 45, 55, 65]
-    frames, _ = read_all(sample_video.path, SamplingConfig(fps=5, max_frames=3))
+    frames, _ = read_all(sample_video.path, SamplingConfig(fps=5, max_frames=3), decoder=decoder)
     assert [f.index for f in frames] == [0, 5, 10]
 
 
-def test_video_segments_match_unsegmented_run(sample_video):
+def test_video_segments_match_unsegmented_run(sample_video, decoder):
     cfg = SamplingConfig(fps=3.0)
-    whole, _ = read_all(sample_video.path, cfg)
+    whole, _ = read_all(sample_video.path, cfg, decoder=decoder)
     parts = []
     for seg in ((0.0, 1.3), (1.3, 2.0), (2.0, 99.0)):
-        got, _ = read_all(sample_video.path, cfg, segment=seg)
+        got, _ = read_all(sample_video.path, cfg, segment=seg, decoder=decoder)
         parts += got
     assert [f.index for f in parts] == [f.index for f in whole]
     for a, b in zip(parts, whole):
@@ -291,7 +298,7 @@ def decode_all(path) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("fourcc,ext", CONTAINERS, ids=[f"{c}{e}" for c, e in CONTAINERS])
-def test_containers_sampled_frames_equal_in_order_decoding(tmp_path, fourcc, ext):
+def test_containers_sampled_frames_equal_in_order_decoding(tmp_path, fourcc, ext, decoder):
     p = tmp_path / f"clip{ext}"
     try:
         synth.make_sample_video(p, seconds=4, fps=25, size=(256, 144), fourcc=fourcc)
@@ -299,26 +306,26 @@ def test_containers_sampled_frames_equal_in_order_decoding(tmp_path, fourcc, ext
         pytest.skip(f"OpenCV cannot write {fourcc}{ext}: {e}")
     ref = decode_all(p)
     assert len(ref) == 100
-    seq, r = read_all(p, SamplingConfig(fps=None), allow_seek=False)
+    seq, r = read_all(p, SamplingConfig(fps=None), allow_seek=False, decoder=decoder)
     assert r.frame_count == len(seq) == 100
     assert [f.timestamp_s for f in seq] == pytest.approx([i / 25 for i in range(100)], abs=2e-3)
     for every in (3, 7, 13, 30):  # within a GOP (12 frames), across one, across several
         for allow_seek in (None, False):
-            sampled, _ = read_all(p, SamplingConfig(fps=None, every=every), allow_seek=allow_seek)
+            sampled, _ = read_all(p, SamplingConfig(fps=None, every=every), allow_seek=allow_seek, decoder=decoder)
             assert [f.index for f in sampled] == list(range(0, 100, every))
             for f in sampled:
                 assert np.array_equal(f.image, ref[f.index]), f"every={every} seek={allow_seek}: frame {f.index} differs"
 
 
-def test_variable_frame_rate_uses_real_timestamps(tmp_path):
+def test_variable_frame_rate_uses_real_timestamps(tmp_path, decoder):
     durs = np.array([1 / 30] * 60 + [1 / 5] * 15 + [1.0] + [1 / 10] * 20)  # 2 s fast, 3 s slow, a 1 s frame
     vid = synth.make_vfr_video(tmp_path / "vfr.mp4", durs, size=(256, 144))
-    frames, r = read_all(vid.path, SamplingConfig(fps=None))
+    frames, r = read_all(vid.path, SamplingConfig(fps=None), decoder=decoder)
     got_ts = np.array([f.timestamp_s for f in frames])
     assert got_ts == pytest.approx(vid.timestamps, abs=1e-3)
     assert r.duration_s == pytest.approx(durs.sum(), abs=0.01)
     assert abs(r.native_fps - 30.0) > 5  # the container's average is not the local rate
-    sampled, _ = read_all(vid.path, SamplingConfig(fps=2.0))
+    sampled, _ = read_all(vid.path, SamplingConfig(fps=2.0), decoder=decoder)
     expect = sample_indices(vid.timestamps, SamplingConfig(fps=2.0))
     assert [f.index for f in sampled] == expect.tolist()
     for f in sampled:  # a sampled frame is the first one at or after its grid time
@@ -329,10 +336,10 @@ def test_variable_frame_rate_uses_real_timestamps(tmp_path):
 
 
 @pytest.mark.parametrize("degrees", [90, 180, 270])
-def test_rotation_metadata_is_applied(tmp_path, sample_video, degrees):
+def test_rotation_metadata_is_applied(tmp_path, sample_video, degrees, decoder):
     rotated = synth.set_rotation(sample_video.path, tmp_path / f"rot{degrees}.mp4", degrees)
-    plain, _ = read_all(sample_video.path, SamplingConfig(fps=1.0))
-    turned, r = read_all(rotated, SamplingConfig(fps=1.0))
+    plain, _ = read_all(sample_video.path, SamplingConfig(fps=1.0), decoder=decoder)
+    turned, r = read_all(rotated, SamplingConfig(fps=1.0), decoder=decoder)
     code = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}[degrees]
     expect_wh = (360, 640) if degrees in (90, 270) else (640, 360)
     assert (r.width, r.height) == expect_wh
@@ -456,38 +463,38 @@ def test_image_sequence_reader(tmp_path, image_folder, bad_files):
 
 
 # ---------------------------------------------------------------------------- bad input
-def _open_error(path, kind="video") -> str:
+def _open_error(path, kind="video", decoder: str = "auto") -> str:
     with pytest.raises(DecodeError) as ei:
-        MediaReader(MediaSource(Path(path), kind, source_id_for(path)), SamplingConfig()).open()
+        MediaReader(MediaSource(Path(path), kind, source_id_for(path)), SamplingConfig(decoder=decoder)).open()
     msg = str(ei.value)
     assert msg.startswith(str(path)), msg
     return msg
 
 
-def test_bad_missing_path(bad_files):
+def test_bad_missing_path(bad_files, decoder):
     sources, rows = discover([bad_files["missing"]], SamplingConfig())
     assert sources == [] and rows[0]["status"] == "failed" and "no such file" in rows[0]["error"]
-    assert "no such file" in _open_error(bad_files["missing"])
+    assert "no such file" in _open_error(bad_files["missing"], decoder=decoder)
 
 
-def test_bad_zero_byte_file(bad_files):
-    assert "empty file (0 bytes)" in _open_error(bad_files["empty"])
+def test_bad_zero_byte_file(bad_files, decoder):
+    assert "empty file (0 bytes)" in _open_error(bad_files["empty"], decoder=decoder)
     assert "empty file (0 bytes)" in _open_error(bad_files["empty"], kind="image")
 
 
-def test_bad_random_bytes_with_video_extension(bad_files):
-    msg = _open_error(bad_files["random"])
+def test_bad_random_bytes_with_video_extension(bad_files, decoder):
+    msg = _open_error(bad_files["random"], decoder=decoder)
     assert "not a readable video" in msg and "no MP4/QuickTime header" in msg
 
 
-def test_bad_truncated_mp4(bad_files):
-    msg = _open_error(bad_files["truncated"])  # index at the end: cut off
+def test_bad_truncated_mp4(bad_files, decoder):
+    msg = _open_error(bad_files["truncated"], decoder=decoder)  # index at the end: cut off
     assert "not a readable video" in msg and ("truncated" in msg or "moov" in msg)
-    msg = _open_error(bad_files["truncated_faststart"])  # index at the front, data cut off
+    msg = _open_error(bad_files["truncated_faststart"], decoder=decoder)  # index at the front, data cut off
     assert "not a readable video" in msg and "truncated" in msg
 
 
-def test_bad_corruption_in_the_middle_keeps_frames_before_it(bad_files, sample_video):
+def test_bad_corruption_in_the_middle_keeps_frames_before_it(bad_files, sample_video, decoder):
     a, b = bad_files["corrupt_range"]
     samples = synth.sample_byte_ranges(sample_video.path)
     first_hit = int(np.flatnonzero(samples[:, 0] + samples[:, 1] > a)[0])
@@ -495,7 +502,7 @@ def test_bad_corruption_in_the_middle_keeps_frames_before_it(bad_files, sample_v
     for sampling in (SamplingConfig(fps=None), SamplingConfig()):
         got = []
         with pytest.raises(DecodeError, match="decoding failed after frame") as ei:
-            with MediaReader(src, sampling) as r:
+            with MediaReader(src, dataclasses.replace(sampling, decoder=decoder)) as r:
                 for f in r:
                     got.append(f)
         assert str(ei.value).startswith(str(src.path))
@@ -551,12 +558,12 @@ def test_bad_non_media_file_in_folder_is_skipped(mixed_folder):
     assert statuses["empty.mp4"][0] == "error" and statuses["bomb.png"][0] == "error"
 
 
-def test_bad_unreadable_file(bad_files):
+def test_bad_unreadable_file(bad_files, decoder):
     if not bad_files["unreadable_blocks"]:
         pytest.skip("running as root: chmod 000 does not stop reads")
     sources, rows = discover([bad_files["unreadable"]], SamplingConfig())
     assert sources == [] and rows[0]["status"] == "failed" and "permission denied" in rows[0]["error"]
-    assert "permission denied" in _open_error(bad_files["unreadable"])
+    assert "permission denied" in _open_error(bad_files["unreadable"], decoder=decoder)
 
 
 def test_unreadable_folder_reported(tmp_path):
@@ -583,8 +590,8 @@ def test_truncated_image_fails_on_open(tmp_path, image_folder):
     assert "truncated or corrupt image data" in _open_error(p, kind="image")
 
 
-def test_window_beyond_the_end_gives_no_frames(sample_video):
-    frames, r = read_all(sample_video.path, SamplingConfig(start_s=50.0))
+def test_window_beyond_the_end_gives_no_frames(sample_video, decoder):
+    frames, r = read_all(sample_video.path, SamplingConfig(start_s=50.0), decoder=decoder)
     assert frames == [] and r.planned_frames == 0
 
 
