@@ -19,6 +19,7 @@ from fer_batch.models import Registry
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FER_BATCH_SHARED", REPO.parent / "shared"))
 TEST = SHARED / "data" / "fer2013" / "fer2013_test.parquet"
+FERPLUS = SHARED / "data" / "ferplus" / "ferplus.parquet"
 
 CARDS = [c for c in Registry.from_dir(REPO / "models").cards("emotion_classification")]
 
@@ -44,3 +45,22 @@ def test_default_emotion_model_has_a_baseline():
     card = Registry.from_dir(REPO / "models").default("emotion_classification")
     ref = card.metrics.get("regression_subset")
     assert ref and 0 < float(ref["accuracy"]) <= 1 and int(ref["n"]) >= 500
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.parametrize("card", [c for c in CARDS if (c.metrics or {}).get("regression_subset_ferplus")],
+                         ids=[c.name for c in CARDS if (c.metrics or {}).get("regression_subset_ferplus")])
+def test_ferplus_subset_metrics_reproduce(card):
+    """Cards trained on FER+ votes also pin every 7th FER+ PrivateTest row: accuracy, macro-F1 and
+    the calibrated NLL (so a lost or changed temperature shows)."""
+    if not FERPLUS.is_file():
+        pytest.skip(f"{FERPLUS} not present")
+    ref = card.metrics["regression_subset_ferplus"]
+    from fer_batch.train.evaluate import run
+
+    m = run(card.name, str(FERPLUS), tta=False, threads=2, every=int(ref["every"]), where=ref["where"], models_dir=str(REPO / "models"))
+    assert m["n"] == int(ref["n"])
+    assert abs(m["accuracy"] - float(ref["accuracy"])) <= 0.002, (card.name, m["accuracy"], ref)
+    assert abs(m["macro_f1"] - float(ref["macro_f1"])) <= 0.003, (card.name, m["macro_f1"], ref)
+    assert abs(m["nll"] - float(ref["nll"])) <= 0.003, (card.name, m["nll"], ref)
