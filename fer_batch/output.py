@@ -79,12 +79,20 @@ class AtomicParquetWriter:
         self.tmp = str(Path(self.path).with_name(f".{Path(self.path).name}.{uuid.uuid4().hex[:8]}.tmp"))
         if self.local:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.rows = 0
         try:
             self._sink = self.fs.open_output_stream(self.tmp)
             self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
-        except (OSError, pa.ArrowException) as e:
-            raise OutputError(f"{path}: cannot write: {e}") from e
-        self.rows = 0
+        except BaseException as e:  # SIGTERM or Ctrl-C in here too: no temp file left behind
+            if getattr(self, "_sink", None) is not None:
+                try:
+                    self._sink.close()  # (an object store uploads on close: then the key is deleted)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._remove_tmp()
+            if isinstance(e, (OSError, pa.ArrowException)):
+                raise OutputError(f"{path}: cannot write: {e}") from e
+            raise
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:

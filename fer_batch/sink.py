@@ -69,7 +69,7 @@ class TableSink:
         if self._opened:
             return
         self.models = dict(models)
-        if self.out is not None:
+        if self.out is not None and self._outputs is None:  # (a signal may have interrupted a first call)
             self._outputs = RunOutputs(self.out, __version__, self.models, self.cfg.to_dict())
         self._opened = True
 

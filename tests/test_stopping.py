@@ -101,7 +101,8 @@ def _cmd(inbox: Path, ds: Path, *extra: str) -> list[str]:
 
 
 def _start_and_signal_when_in_progress(cmd: list[str], ds: Path, name: str, sig: int) -> subprocess.Popen:
-    """Start ``cmd``; as soon as the dataset's in-progress record names ``name``, send ``sig``."""
+    """Start ``cmd``; as soon as the dataset's in-progress record says that this process is on
+    ``name`` (a record left by an earlier run names another pid), send ``sig``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     rec = ds / "_state" / "in_progress.json"
     while proc.poll() is None:
@@ -109,7 +110,7 @@ def _start_and_signal_when_in_progress(cmd: list[str], ds: Path, name: str, sig:
             running = json.loads(rec.read_bytes())["running"]
         except (OSError, ValueError, KeyError):
             running = {}
-        if any(Path(r["path"]).name == name for r in running.values()):
+        if any(Path(r["path"]).name == name and r.get("pid") == proc.pid for r in running.values()):
             os.kill(proc.pid, sig)
             break
         time.sleep(0.005)
@@ -188,6 +189,27 @@ def test_a_source_in_progress_when_two_runs_died_is_recorded_failed(inbox_media,
     for retry, work in ((False, []), (True, ["b_slow.mp4"])):
         with IncrementalDataset(ds) as d:
             assert [Path(w.source.path).name for w in d.plan([inbox], cfg, retry_failed=retry).work] == work
+
+
+@pytest.mark.slow
+def test_sigterm_plain_run_writes_what_is_done_marked_incomplete(inbox_media, tmp_path):
+    """Items 10 and 11 on a plain run: SIGTERM once the outputs are being written: exit code
+    143, no temp file, and the outputs that appear say ``complete: false``."""
+    from fer_batch.schema import read_metadata
+
+    out = tmp_path / "out" / "report.parquet"
+    cmd = [str(FER_BATCH), "process", str(inbox_media), "--out", str(out), "--quiet", "--fps", "10", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    while proc.poll() is None and not list(out.parent.glob(".report.parquet.*.tmp")):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    assert not list(out.parent.glob(".*.tmp"))
+    for name in ("report.parquet", "report.sources.parquet", "report.tracks.parquet"):
+        assert read_metadata(pq.read_schema(out.parent / name))["complete"] is False
 
 
 def test_an_internal_error_has_its_own_exit_code(tmp_path):
