@@ -66,6 +66,22 @@ def test_a_runtime_error_after_the_first_frames_is_failed_not_partial(sample_vid
     assert res.row.frames_sampled > 0
 
 
+def test_decoders_pass_io_and_memory_errors_through():
+    """Item 3 in the decoders: FFmpeg's EIO / ENOMEM errors are the machine's (re-raised as they
+    are: failed), a damaged stream's errors are the media's (DecodeError: partial)."""
+    import errno
+
+    import av
+
+    from fer_batch.io.decoders import environment_error
+
+    assert environment_error(av.error.OSError(errno.EIO, "Input/output error"))
+    assert environment_error(av.error.MemoryError(errno.ENOMEM, "Cannot allocate memory"))
+    assert environment_error(OSError(errno.ESTALE, "Stale file handle")) and environment_error(MemoryError())
+    assert not environment_error(av.error.InvalidDataError(-1094995529, "Invalid data found when processing input"))
+    assert not environment_error(RuntimeError("[h264] error while decoding MB 3 4"))
+
+
 # --- real subprocesses: SIGTERM, kill -9, internal errors (items 2 and 11) ---------------------
 
 FER_BATCH = Path(sys.executable).with_name("fer-batch")
