@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from torch import nn
 from fer_batch.errors import ConfigError, ModelError
 from fer_batch.preprocess import PreprocessSpec, prepare
 from fer_batch.train.augment import AugmentConfig, mix, train_batch
+from fer_batch.train.checkpoints import CKPT_FORMAT, load_checkpoint, load_state_dict_file, save_checkpoint  # noqa: F401  (re-exported)
 from fer_batch.train.data import ImageDataset, check_trainable, load_dataset, split_train_val
 from fer_batch.train.models import build_model, count_params, head_param_names, replace_head
+from fer_batch.train.metrics import metrics_from, vote_metrics  # noqa: F401  (re-exported: evaluate, tests)
 from fer_batch.types import EMOTIONS
 
 log = logging.getLogger(__name__)
-CKPT_FORMAT = "fer-batch-checkpoint/1"
 
 
 @dataclass
@@ -87,47 +87,6 @@ class TrainArgs:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a fer-batch checkpoint safely (``weights_only=True``); ModelError otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{p}: checkpoint not found")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for untrusted objects, RuntimeError for corrupt zips
-        raise ModelError(
-            f"{p}: refused or unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "only weights-only files (tensors and plain values), safetensors or ONNX are accepted, never arbitrary pickles"
-        ) from e
-    if not isinstance(ck, dict):
-        raise ModelError(f"{p}: not a checkpoint dict")
-    return ck
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A bare state dict from ``.safetensors`` or a weights-only torch file (a fer-batch checkpoint's ``model`` too)."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ModelError(f"{p}: reading .safetensors needs the safetensors package") from e
-        return load_file(str(p))
-    ck = load_checkpoint(p)
-    if ck.get("format") == CKPT_FORMAT:
-        return ck["model"]
-    for key in ("state_dict", "model"):
-        if isinstance(ck.get(key), dict):
-            ck = ck[key]
-    return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, torch.Tensor)}
-
 
 class HeadMix(nn.Module):
     """A two-head network (2K outputs) seen as one K-class model: log of the mixed probabilities.
@@ -279,33 +238,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def metrics_from(y_true: np.ndarray, y_pred: np.ndarray, k: int = len(EMOTIONS)) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the classes present in ``y_true``, per-class P/R/F1, confusion.
-
-    A prediction of -1 (no face found with ``--detect``) counts as wrong for its true class.
-    """
-    y_true = np.asarray(y_true, np.int64)
-    y_pred = np.asarray(y_pred, np.int64)
-    valid = y_pred >= 0
-    cm = np.zeros((k, k), np.int64)
-    np.add.at(cm, (y_true[valid], y_pred[valid]), 1)
-    support = np.bincount(y_true, minlength=k)
-    tp = np.diag(cm).astype(float)
-    prec = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
-    rec = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(k), where=(prec + rec) > 0)
-    present = support > 0
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(tp.sum() / max(1, len(y_true))),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "no_prediction": int((~valid).sum()),
-        "per_class": {EMOTIONS[i]: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])} for i in range(k)},
-        "labels": list(EMOTIONS),
-        "confusion": cm.tolist(),
-    }
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, batch_size: int = 256, tta: bool = False,
             device: torch.device | None = None, dtype: torch.dtype | None = None, channels_last: bool = False) -> np.ndarray:
@@ -431,36 +363,6 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.
         if on_step is not None:
             on_step({"step": s + 1, "steps": steps, "loss": tot_loss / tot_n, "acc": tot_ok / max(1, tot_lab), "lr": args.lr * f, "img_s": tot_n / max(1e-9, time.time() - t0)})
     return {"train_loss": tot_loss / max(1, tot_n), "train_acc": tot_ok / max(1, tot_lab), "steps": steps, "seconds": time.time() - t0}
-
-
-def vote_metrics(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict[str, Any]:
-    """Agreement with annotators' vote distributions (rows of ``targets`` sum to 1).
-
-    ``nll``: mean cross-entropy of the vote distribution under the model (lower is better; the
-    distribution's own entropy is the floor). ``ece``: over ``bins`` equal-width bins of the top
-    probability, the weighted mean of |mean top probability - mean share of annotators who chose
-    that top label|; a model that outputs exactly the vote distribution has 0. ``reliability``:
-    per bin (lower edge, count, mean confidence, mean annotator share).
-    """
-    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
-    t = np.asarray(targets, np.float64)
-    nll = float(-(t * np.log(p)).sum(1).mean())
-    top = p.argmax(1)
-    conf = p[np.arange(len(p)), top]
-    share = t[np.arange(len(t)), top]
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    ece, rel = 0.0, []
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            gap = abs(conf[m].mean() - share[m].mean())
-            ece += m.mean() * gap
-            rel.append({"bin": round(float(edges[b]), 4), "n": int(m.sum()), "confidence": round(float(conf[m].mean()), 4),
-                        "agreement": round(float(share[m].mean()), 4)})
-        else:
-            rel.append({"bin": round(float(edges[b]), 4), "n": 0, "confidence": None, "agreement": None})
-    return {"nll": nll, "ece": float(ece), "reliability": rel}
 
 
 # ---------------------------------------------------------------- main

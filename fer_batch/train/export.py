@@ -168,7 +168,6 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
     model, spec, labels, cks = load_members(ckpts, head_mix)
     member_args = [TrainArgs.from_dict(json.loads(ck["args"])) for ck in cks]
     votes = any(a.hard_label or "ferplus" in Path(a.data).name.lower() for a in member_args)
-    args = member_args[0]
     stored_half = store_fp16 and not fp16  # fp16 graphs already hold half weights
     onnx_path = models_dir / name / f"emotion_{name}{'_fp16' if fp16 else ''}.onnx"
     export_onnx(model, spec, onnx_path, fp16)
