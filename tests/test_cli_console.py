@@ -17,9 +17,9 @@ ESC = "\x1b"
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess, with Rich forced to act as on a colour terminal (so progress
-    bars and tables render exactly as a user sees them)."""
-    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200", "TTY_INTERACTIVE": "1"}
+    """The CLI in a subprocess (not a terminal: no colour codes between the characters of a
+    name; the summary table and error lines print as on a terminal)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_INTERACTIVE")} | {"COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "fer_batch.cli", *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd,
         errors="surrogateescape",
