@@ -59,7 +59,7 @@ class SamplingConfig:
     max_frames: int | None = field(default=None, metadata=opt("max_frames"))
     images_as: str = field(default="files", metadata=opt("images_as"))  # files: each image its own source; sequence: a folder is one video
     image_fps: float = field(default=1.0, metadata=opt("image_fps"))
-    # video decoder backend: auto (PyAV for sparse sampling, decord for dense) | pyav | decord
+    # video decoder backend: auto (PyAV; decord for raw streams without timestamps) | pyav | decord
     decoder: str = field(default="auto", metadata=opt("decoder"))
     # decoded pixels per video frame at most; larger streams are scaled down in the decoder
     # (default: DCI 4K, 4096x2160). Higher keeps smaller faces of 8K video and costs memory.

@@ -155,9 +155,10 @@ def test_auto_choice_rule(h264_video, tmp_path):
     assert info == StreamInfo(codec="h264", width=640, height=360, frames=100, avg_fps=25.0, has_pts=True)
     assert choose_decoder("auto", SamplingConfig(), info)[0] == "pyav"  # 12.5 frames per sample
     assert choose_decoder("auto", SamplingConfig(fps=None, every=3), info)[0] == "pyav"
-    assert choose_decoder("auto", SamplingConfig(fps=None, every=1), info)[0] == "decord"
-    assert choose_decoder("auto", SamplingConfig(fps=None), info)[0] == "decord"
-    assert choose_decoder("auto", SamplingConfig(fps=20.0), info)[0] == "decord"  # 1.25 frames per sample
+    # dense: PyAV too (faster decode-every-frame rate, bounded memory); the reason says dense
+    assert choose_decoder("auto", SamplingConfig(fps=None, every=1), info)[0] == "pyav"
+    assert "dense" in choose_decoder("auto", SamplingConfig(fps=None), info)[1]
+    assert "dense" in choose_decoder("auto", SamplingConfig(fps=20.0), info)[1]  # 1.25 frames per sample
     assert choose_decoder("decord", SamplingConfig(), info) == ("decord", "requested")
     assert choose_decoder("auto", SamplingConfig(), None)[0] == "decord"
     # a raw H.264 elementary stream has no timestamps of its own: decord

@@ -73,7 +73,7 @@ def process(
     max_frames: Optional[int] = typer.Option(None, help="At most this many sampled frames per source."),
     images_as: str = typer.Option("files", help="files: each image is a source; sequence: a folder is one video."),
     image_fps: float = typer.Option(1.0, help="Frame rate of image sequences."),
-    decoder: str = typer.Option("auto", help="Video decoder: auto (PyAV for sparse sampling, decord for dense) | pyav | decord."),
+    decoder: str = typer.Option("auto", help="Video decoder: auto (PyAV; decord for raw streams without timestamps) | pyav | decord."),
     max_frame_pixels: int = typer.Option(4096 * 2160, help="Decoded pixels per video frame at most; larger videos are scaled down while decoding."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Follow symbolic links that resolve outside the input folders (default: listed as skipped)."),
     det_pack: Optional[str] = typer.Option(None, help="InsightFace pack directory (e.g. ~/.insightface/models/buffalo_l); default: the shipped pack."),
