@@ -318,20 +318,7 @@ class FaceTracker:
         # 2) re-identification by embedding: unmatched faces vs ended and unmatched tracks.
         free = np.flatnonzero(ids < 0)
         if emb is not None and len(free):
-            cands = [trk for i, trk in enumerate(self._live) if i not in matched_trk and trk.emb is not None]
-            cands += self._gallery
-            cands = [c for c in cands if c.emb.shape == emb.shape[1:]]
-            if cands:
-                sim = np.stack([c.emb for c in cands]) @ emb[free].T
-                for r, c in _assign(1.0 - sim, 1.0 - self.reid_thresh):
-                    trk, j = cands[r], int(free[c])
-                    log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
-                    trk.reset(boxes[j], t)
-                    trk.update(boxes[j], t, emb[j], float(scores[j]))
-                    if any(g is trk for g in self._gallery):
-                        self._gallery = [g for g in self._gallery if g is not trk]
-                        self._live.append(trk)
-                    ids[j] = trk.track_id
+            self._reidentify(emb, free, matched_trk, boxes, scores, t, ids)
 
         # 3) every face still without a track starts one now.
         for j in np.flatnonzero(ids < 0):
@@ -387,20 +374,7 @@ class FaceTracker:
                 if np.isfinite(emb[c]).all():
                     self._live[r].add_embedding(emb[c], t)
         if emb is not None and len(free):
-            cands = [trk for i, trk in enumerate(self._live) if i not in matched and trk.emb is not None]
-            cands += self._gallery
-            cands = [c for c in cands if c.emb.shape == emb.shape[1:]]
-            if cands:
-                sim = np.stack([c.emb for c in cands]) @ emb[free].T
-                for r, c in _assign(1.0 - sim, 1.0 - self.reid_thresh):
-                    trk, j = cands[r], int(free[c])
-                    log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
-                    trk.reset(boxes[j], t)
-                    trk.update(boxes[j], t, emb[j], float(scores[j]))
-                    if any(g is trk for g in self._gallery):
-                        self._gallery = [g for g in self._gallery if g is not trk]
-                        self._live.append(trk)
-                    ids[j] = trk.track_id
+            self._reidentify(emb, free, matched, boxes, scores, t, ids)
         for j in np.flatnonzero(ids < 0):
             e = None if emb is None or not np.isfinite(emb[j]).all() else emb[j]
             trk = _Track.start(self.cfg, self._next_id, boxes[j], t, e, float(scores[j]))
@@ -410,6 +384,26 @@ class FaceTracker:
         return dets.with_(track_id=ids)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _reidentify(self, emb: np.ndarray, free: np.ndarray, matched, boxes: np.ndarray, scores: np.ndarray, t: float,
+                    ids: np.ndarray) -> None:
+        """Give the faces ``free`` (no track by motion) the id of an unmatched live or ended track whose
+        embedding is within ``reid_thresh`` (Hungarian on cosine similarity); fills ``ids`` in place."""
+        cands = [trk for i, trk in enumerate(self._live) if i not in matched and trk.emb is not None]
+        cands += self._gallery
+        cands = [c for c in cands if c.emb.shape == emb.shape[1:]]
+        if not cands:
+            return
+        sim = np.stack([c.emb for c in cands]) @ emb[free].T
+        for r, c in _assign(1.0 - sim, 1.0 - self.reid_thresh):
+            trk, j = cands[r], int(free[c])
+            log.debug("track %d re-identified (cosine %.3f)", trk.track_id, sim[r, c])
+            trk.reset(boxes[j], t)
+            trk.update(boxes[j], t, emb[j], float(scores[j]))
+            if any(g is trk for g in self._gallery):
+                self._gallery = [g for g in self._gallery if g is not trk]
+                self._live.append(trk)
+            ids[j] = trk.track_id
 
     def _check_time(self, timestamp_s: float) -> float:
         t = float(timestamp_s)
