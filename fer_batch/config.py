@@ -19,6 +19,27 @@ _OPTION = "option"
 
 REID_MODES = ("auto", "on", "off")
 RUNNERS = ("local", "ray")
+# --source-timeout auto: 5 minutes, plus 2 s per second of media and 1 s per sampled frame
+# (at the default 2 fps: 4 s per second of video, 20 to 40 times what a 2-core CPU needs).
+AUTO_TIMEOUT_BASE_S = 300.0
+AUTO_TIMEOUT_PER_MEDIA_S = 2.0
+AUTO_TIMEOUT_PER_FRAME_S = 1.0
+
+
+def _parse_source_timeout(value: Any) -> str:
+    """``auto`` | ``off`` (also ``0``, ``none``) | a positive number of seconds, as a string."""
+    s = str(value).strip().lower()
+    if s in ("auto", ""):
+        return "auto"
+    if s in ("off", "none", "no", "0", "0.0"):
+        return "off"
+    try:
+        v = float(s)
+    except ValueError:
+        raise ConfigError(f"--source-timeout: expected auto, off or seconds, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"--source-timeout: expected auto, off or a positive number of seconds, got {value!r}")
+    return repr(v) if v != int(v) else str(int(v))
 
 
 def opt(name: str) -> dict[str, str]:
@@ -288,14 +309,43 @@ class RunConfig:
     threads: int = field(default=0, metadata=opt("threads"))
     prefetch: int = 3  # frames decoded ahead in a background thread (0 or 1: one ahead)
     models_dir: str | None = field(default=None, metadata=opt("models_dir"))
+    # Wall-clock limit per unit of work (a source, or one segment of a split source): "auto"
+    # (see ``source_time_limit``), "off", or seconds. Anything but "off" runs the local
+    # runner's work in a worker process that is killed when the limit passes.
+    source_timeout: str = field(default="auto", metadata=opt("source_timeout"))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "source_timeout", _parse_source_timeout(self.source_timeout))
         if self.runner not in RUNNERS:
             raise ConfigError(f"--runner: expected {'|'.join(RUNNERS)}, got {self.runner!r}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         if self.runner == "ray" and self.classify.device.startswith("cuda") and self.ray.gpus_per_worker == 0:
             raise ConfigError(f"--device {self.classify.device} with --runner ray needs --gpus-per-worker > 0")
+
+    @property
+    def isolated(self) -> bool:
+        """Whether units run in a separate process that a time limit can stop."""
+        return self.source_timeout != "off"
+
+    def source_time_limit(self, media_s: float | None = None, sampled_frames: int | None = None) -> float | None:
+        """Seconds one unit may take (``None``: no limit).
+
+        A number given by the user applies as it is. ``auto`` is generous and grows with the
+        work: ``AUTO_TIMEOUT_BASE_S`` (opening the media, loading nothing: models are loaded
+        before the clock starts) plus ``AUTO_TIMEOUT_PER_MEDIA_S`` per second of media read and
+        ``AUTO_TIMEOUT_PER_FRAME_S`` per sampled frame; until the media is opened (its length
+        unknown) only the base applies.
+        """
+        if self.source_timeout == "off":
+            return None
+        if self.source_timeout != "auto":
+            return float(self.source_timeout)
+        return (
+            AUTO_TIMEOUT_BASE_S
+            + AUTO_TIMEOUT_PER_MEDIA_S * max(0.0, float(media_s or 0.0))
+            + AUTO_TIMEOUT_PER_FRAME_S * max(0, int(sampled_frames or 0))
+        )
 
     @property
     def segment_s(self) -> float | None:

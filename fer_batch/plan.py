@@ -96,6 +96,19 @@ def own_frame_count(unit: WorkUnit, frame_times: np.ndarray) -> int:
     return int(np.count_nonzero((t >= unit.own[0] - TIME_EPS) & (t < unit.own[1] - TIME_EPS)))
 
 
+def unit_media_seconds(unit: WorkUnit, cfg: RunConfig, duration_s: float | None) -> float:
+    """Seconds of media a unit reads: its segment and the sampling window, within the media."""
+    if duration_s is None:
+        return 0.0
+    lo, hi = 0.0, float(duration_s)
+    lo = max(lo, float(cfg.sampling.start_s or 0.0))
+    if cfg.sampling.end_s is not None:
+        hi = min(hi, float(cfg.sampling.end_s))
+    if unit.read is not None:
+        lo, hi = max(lo, unit.read[0]), min(hi, unit.read[1])
+    return max(0.0, hi - lo)
+
+
 # ----------------------------------------------------------------------------- splitting
 
 

@@ -531,3 +531,68 @@ def test_job_files_are_well_formed():
     assert not any("KEY" in k or "SECRET" in k for k in env.get("env_vars", {}))  # no credentials in it
     script = (REPO / "jobs" / "ray" / "entrypoint.sh").read_text()
     assert 'fer-batch process "$@" --runner ray' in script and "RAY_ADDRESS" in script
+
+
+@pytest.fixture(scope="module")
+def stuck_inputs(tmp_path_factory):
+    """A 30 s video (minutes of work at --every 1) before a photo."""
+    from fer_batch import synth
+
+    d = tmp_path_factory.mktemp("ray_stuck")
+    synth.make_sample_video(d / "a_long.mp4", seconds=30, fps=25, size=(320, 180), seed=5)
+    cv2.imwrite(str(d / "b_photo.jpg"), cv2.resize(synth.load_t1(), (640, 443)))
+    return d
+
+
+@pytest.mark.slow
+def test_a_unit_over_its_time_limit_fails_and_its_worker_is_replaced(cluster, stuck_inputs, tmp_path):
+    """--source-timeout on Ray: the stuck unit's actor is killed (the work really stops), the
+    unit is failed naming the file, and a fresh actor runs the photo after it."""
+    from fer_batch.api import run
+
+    ready: list[int] = []
+
+    def hook(step, payload):
+        if step == "worker_ready":
+            ready.append(payload["pid"])
+
+    t0 = time.monotonic()
+    res = run([stuck_inputs], out=tmp_path / "r.parquet", runner="ray", num_workers=1, every=1, reid="off",
+              threads=1, source_timeout="5", hook=hook)  # fmt: skip
+    rows = {Path(r["path"]).name: r for r in res.sources.to_pylist()}
+    assert rows["a_long.mp4"]["status"] == "failed" and "timed out after 5 s" in rows["a_long.mp4"]["error"]
+    assert "a_long.mp4" in rows["a_long.mp4"]["error"]
+    assert rows["b_photo.jpg"]["status"] == "ok" and rows["b_photo.jpg"]["faces"] > 0
+    assert len(ready) == 2, ready  # the stuck worker was replaced
+    assert time.monotonic() - t0 < 180
+    assert res.exit_code == 1
+
+
+@pytest.mark.slow
+def test_a_busy_worker_reports_its_units_time_limit(cluster, stuck_inputs):
+    """--source-timeout auto on Ray: while a unit runs, its actor answers with the unit's full
+    limit (base + media seconds + sampled frames) once the media is open."""
+    import ray
+
+    from fer_batch.config import AUTO_TIMEOUT_BASE_S, config_from_options
+    from fer_batch.plan import WorkUnit
+    from fer_batch.runners.ray import FerWorker
+    from fer_batch.types import MediaSource
+
+    cfg = config_from_options(every=1, reid="off", threads=1)
+    h = ray.remote(FerWorker).options(num_cpus=1, max_concurrency=2).remote(cfg, 0.0)
+    try:
+        ray.get(h.ready.remote(), timeout=300)
+        unit = WorkUnit(MediaSource(stuck_inputs / "a_long.mp4", "video", "x1"))
+        ref = h.run.remote(unit)
+        got = None
+        deadline = time.monotonic() + 120
+        while got is None and time.monotonic() < deadline:
+            got = ray.get(h.limit.remote(unit.key), timeout=30)
+            time.sleep(0.2)
+        assert got == pytest.approx(cfg.source_time_limit(30.0, 750), abs=3.0), got
+        assert got > AUTO_TIMEOUT_BASE_S + 2 * 29 + 700
+        assert ray.get(h.limit.remote("another"), timeout=30) is None
+        ray.cancel(ref, force=False)
+    finally:
+        ray.kill(h, no_restart=True)

@@ -91,6 +91,7 @@ def process(
     cpus_per_worker: float = typer.Option(1.0, help="CPUs per Ray worker."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray worker (fractions share a GPU)."),
     segment_seconds: Optional[float] = typer.Option(None, help="Split videos longer than this (seconds) into segments whose track ids are stitched [default: 300 with --runner ray; no splitting locally]."),
+    source_timeout: str = typer.Option("auto", help="Wall-clock limit per input (per segment when split): auto (5 min + 2 s per second of media + 1 s per sampled frame) | SECONDS | off. The work runs in a worker process that is stopped at the limit; the input is then failed and the run goes on. off: in this process, no limit."),
     threads: int = typer.Option(0, help="CPU threads for model sessions, video decoding and OpenCV (0 = library defaults)."),
     models_dir: Optional[str] = typer.Option(None, envvar="FER_BATCH_MODELS_DIR", help="Model pack directory with cards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (for schedulers)."),

@@ -42,7 +42,7 @@ from fer_batch.config import RunConfig
 from fer_batch.device import resolve_device
 from fer_batch.errors import ConfigError, FerBatchError
 from fer_batch.pipeline import Hook, Stages, process_source
-from fer_batch.plan import UnitResult, WorkUnit, own_frame_count
+from fer_batch.plan import UnitResult, WorkUnit, own_frame_count, unit_media_seconds
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ UNIT_MAX_ATTEMPTS = 2
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 # How long to wait for the first worker to start before giving up (cluster may be scaling).
 READY_TIMEOUT_S = 900.0
+# How long a busy worker may take to say its unit's time limit (--source-timeout auto).
+LIMIT_QUERY_TIMEOUT_S = 10.0
 
 
 def _no_hook(step: str, payload: dict) -> None:
@@ -64,7 +66,11 @@ def _no_hook(step: str, payload: dict) -> None:
 
 
 class FerWorker:
-    """A Ray actor: loads the models once, then runs units."""
+    """A Ray actor: loads the models once, then runs units.
+
+    It runs with two threads (``max_concurrency=2``) so that ``limit`` answers while ``run``
+    is busy; the driver never runs two units on one worker at once.
+    """
 
     def __init__(self, cfg: RunConfig, gpus: float):
         threads = cfg.threads or max(1, int(round(cfg.ray.cpus_per_worker or 1)))
@@ -75,13 +81,27 @@ class FerWorker:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.pid = os.getpid()
+        self._limit: tuple[str, float | None] | None = None
 
     def ready(self) -> dict:
         return {"node_id": self.node_id, "node_ip": self.node_ip, "pid": self.pid, "device": self.device,
                 "models": self.stages.models_info()}  # fmt: skip
 
+    def limit(self, key: str) -> float | None:
+        """The time limit of unit ``key`` once its media is open (None: not known yet)."""
+        cur = self._limit
+        return cur[1] if cur is not None and cur[0] == key else None
+
     def run(self, unit: WorkUnit) -> dict:
-        res = process_source(unit.source, self.stages, self.cfg, segment=unit.read)
+        cfg = self.cfg
+
+        def hook(step: str, payload: dict) -> None:
+            if step == "source_open":
+                frames = getattr(payload.get("reader"), "planned_frames", 0)
+                self._limit = (unit.key, cfg.source_time_limit(unit_media_seconds(unit, cfg, payload.get("duration_s")), frames))
+
+        self._limit = None
+        res = process_source(unit.source, self.stages, cfg, hook=hook, segment=unit.read)
         return {"row": res.row, "faces": res.faces, "own_frames": own_frame_count(unit, res.frame_times),
                 "node_id": self.node_id, "pid": self.pid}  # fmt: skip
 
@@ -269,7 +289,7 @@ class RayRunner:
             return
         remote_cls = ray.remote(FerWorker).options(
             num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker, max_restarts=WORKER_MAX_RESTARTS,
-            max_task_retries=TASK_MAX_RETRIES, scheduling_strategy="SPREAD",
+            max_task_retries=TASK_MAX_RETRIES, scheduling_strategy="SPREAD", max_concurrency=2,
         )  # fmt: skip
         slots = self._slots
         slots.extend(self._new_slot(remote_cls) for _ in range(n_workers))
@@ -279,6 +299,8 @@ class RayRunner:
         exhausted = False
         attempts: dict[str, int] = {}
         inflight: dict[Any, tuple[_ActorSlot, WorkUnit]] = {}
+        # per running unit: (start, limit in s or None); auto limits grow once the worker knows the media's length
+        clocks: dict[Any, tuple[float, float | None]] = {}
         nodes: set[str] = set()
         started = time.monotonic()
 
@@ -290,13 +312,42 @@ class RayRunner:
             exhausted = unit is None
             return unit
 
-        def replace_slot(slot: _ActorSlot) -> None:
+        def replace_slot(slot: _ActorSlot, always: bool = False) -> None:
             nonlocal replacements_left
             slots.remove(slot)
             _kill(slot)
-            if replacements_left > 0:
-                replacements_left -= 1
+            if always or replacements_left > 0:
+                replacements_left -= 0 if always else 1
                 slots.append(self._new_slot(remote_cls))
+
+        def timed_out() -> Iterator[UnitResult]:
+            """Stop the units past their time limit: their workers are killed and replaced."""
+            now = time.monotonic()
+            for ref, (t0, lim) in list(clocks.items()):
+                if lim is None or now < t0 + lim:
+                    continue
+                slot, unit = inflight[ref]
+                if cfg.source_timeout == "auto" and lim == cfg.source_time_limit():  # media length not known yet
+                    try:
+                        full = ray.get(slot.handle.limit.remote(unit.key), timeout=LIMIT_QUERY_TIMEOUT_S)
+                    except RayError:
+                        full = None
+                    if full is not None and full > lim:
+                        clocks[ref] = (t0, float(full))
+                        if time.monotonic() < t0 + full:
+                            continue
+                        lim = float(full)
+                del inflight[ref], clocks[ref]
+                slot.busy = None
+                replace_slot(slot, always=True)
+                name = os.fsdecode(unit.source.path)
+                log.warning("%s: timed out after %.0f s (--source-timeout); its worker was replaced", name, lim)
+                yield UnitResult.failed(unit, f"{name}: timed out after {lim:.0f} s (--source-timeout)")
+
+        def wait_s() -> float:
+            """How long ray.wait may block: until the next time limit, at most 30 s."""
+            ends = [t0 + lim for t0, lim in clocks.values() if lim is not None]
+            return 30.0 if not ends else max(0.05, min(30.0, min(ends) - time.monotonic()))
 
         while True:
             for s in slots:  # hand work to every ready, idle worker
@@ -306,12 +357,17 @@ class RayRunner:
                         break
                     s.busy = s.handle.run.remote(unit)
                     inflight[s.busy] = (s, unit)
+                    clocks[s.busy] = (time.monotonic(), cfg.source_time_limit())
             if not inflight and not queue and exhausted:
                 break
             waiting = list(inflight) + [s.ready_ref for s in slots if s.ready_ref is not None]
             if not waiting:
                 raise FerBatchError("Ray runner: no worker left to run the remaining units")
-            ready_refs, _ = ray.wait(waiting, num_returns=1, timeout=30.0)
+            ready_refs, _ = ray.wait(waiting, num_returns=1, timeout=wait_s())
+            stopped = list(timed_out())  # checked on every pass: other units may keep finishing
+            yield from stopped
+            if stopped:
+                continue
             if not ready_refs:
                 if not any(s.ready for s in slots) and time.monotonic() - started > READY_TIMEOUT_S:
                     raise FerBatchError(
@@ -336,6 +392,7 @@ class RayRunner:
                 hook("worker_ready", dict(slot.info))
                 continue
             slot, unit = inflight.pop(ref)
+            clocks.pop(ref, None)
             slot.busy = None
             try:
                 meta = ray.get(ref)
