@@ -172,7 +172,8 @@ class FaceDetector:
         if not det.use_kps:
             raise ModelError(f"{det_file}: detector has no 5-point landmark outputs (needed for alignment)")
         used = checked_provider(det.session, self.device, device, "detector")
-        det.prepare(0, det_thresh=self.cfg.det_thresh, nms_thresh=self.cfg.nms_thresh, input_size=self.cfg.det_size)
+        det.prepare(0, det_thresh=self.cfg.det_thresh, nms_thresh=self.cfg.nms_thresh,
+                    input_size=None if self.cfg.det_size == "auto" else self.cfg.det_size)  # fmt: skip
         rec = None
         if rec_file is not None:
             try:
@@ -187,7 +188,7 @@ class FaceDetector:
             "file": str(det_file),
             "sha256": sha,
             "provider": used,
-            "det_size": list(self.cfg.det_size),
+            "det_size": self.cfg.det_size if self.cfg.det_size == "auto" else list(self.cfg.det_size),
             "recognition": str(rec_file) if rec_file else None,
             "batch_size": self.batch_size,
         }
@@ -218,7 +219,10 @@ class FaceDetector:
         if self.batch_size <= 1 or len(frames) <= 1:
             return [self(f) for f in frames]
         det = self._det
-        size = tuple(self.cfg.det_size)
+        h, w = frames[0].image.shape[:2]
+        if any(f.image.shape[:2] != (h, w) for f in frames):  # one canvas per batch
+            return [self(f) for f in frames]
+        size = self.cfg.input_size(h, w)
         blobs = [det._prepare_input_blob(_letterbox(f.image, size), size) for f in frames]
         session = det._session_for_input_size(size)
         outs = session.run(det.output_names, {det.input_name: np.concatenate(blobs)})
@@ -239,7 +243,8 @@ class FaceDetector:
         if self._det is None:
             self.setup()
         img = frame.image
-        det, kps = self._det.detect(img, input_size=self.cfg.det_size, max_num=0, det_thresh=self.cfg.det_thresh)
+        size = self.cfg.input_size(img.shape[0], img.shape[1])
+        det, kps = self._det.detect(img, input_size=size, max_num=0, det_thresh=self.cfg.det_thresh)
         if len(det) == 0:
             return FaceDetections.empty()
         xyxy = det[:, :4]

@@ -329,3 +329,43 @@ def test_batched_detection_on_cuda(t1):
     assert d.info["provider"] == "CUDAExecutionProvider" and d.batch_size == GPU_BATCH
     out = d.detect_batch([Frame(i, i / 2, t1) for i in range(GPU_BATCH)])
     assert [len(o) for o in out] == [6] * GPU_BATCH
+
+
+def test_fit_det_size_keeps_the_scale_and_drops_the_padding():
+    from fer_batch.config import fit_det_size
+
+    assert fit_det_size(720, 1280) == (640, 384)  # 16:9: 640x360 of image, 24 rows of padding
+    assert fit_det_size(1080, 1920) == (640, 384)
+    assert fit_det_size(1280, 720) == (384, 640)  # portrait
+    assert fit_det_size(480, 640) == (640, 480)
+    assert fit_det_size(500, 500) == (640, 640)
+    assert fit_det_size(10, 4000) == (640, 32)
+    assert DetectConfig().det_size == "auto" and DetectConfig(det_size="640").det_size == (640, 640)
+
+
+@pytest.mark.parametrize("size", [(640, 360), (360, 640), (1280, 720)])
+def test_auto_det_size_finds_the_same_faces_as_the_square_canvas(detector, size):
+    """--det-size auto resizes each frame exactly as the 640x640 canvas does and only leaves out
+    padding: the same faces, boxes and landmarks within a pixel. Features near the image's edge
+    see less black padding, so a borderline face (score near the threshold) may differ: here
+    one distorted face at 0.58 on the squeezed portrait."""
+    import cv2
+
+    from fer_batch import synth
+    from fer_batch.detect import FaceDetector
+
+    img = cv2.resize(synth.load_t1(), size)
+    frame = Frame(0, 0.0, img)
+    auto = FaceDetector(DetectConfig(), device="cpu", threads=2)
+    auto.setup()
+    try:
+        a, b = auto(frame), detector(frame)
+    finally:
+        auto.teardown()
+    assert len(b) > 0
+    for i in range(len(b)):  # every face of the square canvas, at the same place
+        j = int(np.argmin(np.abs(a.xyxy - b.xyxy[i]).sum(1)))
+        np.testing.assert_allclose(a.xyxy[j], b.xyxy[i], atol=1.0)
+        np.testing.assert_allclose(a.kps[j], b.kps[i], atol=1.0)
+        assert abs(a.det_score[j] - b.det_score[i]) < 0.01
+    assert len(a) - len(b) <= 1 and np.sort(a.det_score)[: len(a) - len(b)].max(initial=0) < 0.6

@@ -77,7 +77,7 @@ def process(
     max_frame_pixels: int = typer.Option(4096 * 2160, help="Decoded pixels per video frame at most; larger videos are scaled down while decoding."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Follow symbolic links that resolve outside the input folders (default: listed as skipped)."),
     det_pack: Optional[str] = typer.Option(None, help="InsightFace pack directory (e.g. ~/.insightface/models/buffalo_l); default: the shipped pack."),
-    det_size: str = typer.Option("640", help="Detector input, N or WxH, multiples of 32 (larger finds smaller faces, slower)."),
+    det_size: str = typer.Option("auto", help="Detector input: auto (long side 640, short side fitted to the frame's aspect ratio) | N (NxN) | WxH, multiples of 32 (larger finds smaller faces, slower)."),
     det_thresh: float = typer.Option(0.5, help="Detection score threshold (higher: fewer false faces, more misses)."),
     min_face: float = typer.Option(16.0, help="Drop faces whose box is smaller than this (pixels, shorter side)."),
     model: Optional[str] = typer.Option(None, help="Emotion model: registered name or path (default: the registry's default)."),
