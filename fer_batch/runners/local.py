@@ -15,13 +15,10 @@ from typing import Any, Iterable, Iterator
 from fer_batch.config import RunConfig
 from fer_batch.pipeline import Hook, Stages, process_source
 from fer_batch.plan import UnitResult, WorkUnit, own_frame_count
+from fer_batch.runners.support import no_hook
 from fer_batch.runners.worker import WorkerProcess
 
 log = logging.getLogger(__name__)
-
-
-def _no_hook(step: str, payload: dict) -> None:
-    return None
 
 
 class LocalRunner:
@@ -63,7 +60,7 @@ class LocalRunner:
         """Yield each unit's result as soon as it is ready."""
         if not self._entered:
             raise RuntimeError("LocalRunner.run outside its with-block")
-        hook = hook or _no_hook
+        hook = hook or no_hook
         for unit in units:
             if self.cfg.isolated:
                 yield self._run_isolated(unit, hook)

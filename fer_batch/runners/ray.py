@@ -43,6 +43,7 @@ from fer_batch.device import resolve_device
 from fer_batch.errors import ConfigError, FerBatchError
 from fer_batch.pipeline import Hook, Stages, process_source
 from fer_batch.plan import UnitResult, WorkUnit, own_frame_count, unit_media_seconds
+from fer_batch.runners.support import UnitClocks, no_hook, patched_env, short_error, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ EMBEDDED_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 READY_TIMEOUT_S = 900.0
 # How long a busy worker may take to say its unit's time limit (--source-timeout auto).
 LIMIT_QUERY_TIMEOUT_S = 10.0
-
-
-def _no_hook(step: str, payload: dict) -> None:
-    return None
 
 
 class FerWorker:
@@ -104,20 +101,6 @@ class FerWorker:
         res = process_source(unit.source, self.stages, cfg, hook=hook, segment=unit.read)
         return {"row": res.row, "faces": res.faces, "own_frames": own_frame_count(unit, res.frame_times),
                 "node_id": self.node_id, "pid": self.pid}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def embedded_env() -> dict[str, str]:
@@ -181,7 +164,7 @@ def ray_session(cfg: RunConfig) -> Iterator[dict]:
     rc = ray_constants
     old_flag = rc.ENABLE_RAY_CLUSTER
     try:
-        with _env(env):
+        with patched_env(env):
             rc.ENABLE_RAY_CLUSTER = False  # ray was imported before the env var was set
             _reload_auth_config()
             try:
@@ -280,7 +263,7 @@ class RayRunner:
 
     def run(self, units: Iterable[WorkUnit], hook: Hook | None = None) -> Iterator[UnitResult]:
         """Yield one result per unit. Units are pulled from ``units`` only as workers free up."""
-        hook = hook or _no_hook
+        hook = hook or no_hook
         cfg = self.cfg
         n_workers = _worker_count(cfg, self.n_sources, self.may_split) if self.n_sources else 0
         hook("ray_start", {"address": self.session.get("address"), "embedded": self.session.get("embedded"),
@@ -299,8 +282,7 @@ class RayRunner:
         exhausted = False
         attempts: dict[str, int] = {}
         inflight: dict[Any, tuple[_ActorSlot, WorkUnit]] = {}
-        # per running unit: (start, limit in s or None); auto limits grow once the worker knows the media's length
-        clocks: dict[Any, tuple[float, float | None]] = {}
+        clocks = UnitClocks(cfg.source_time_limit())
         nodes: set[str] = set()
         started = time.monotonic()
 
@@ -320,34 +302,24 @@ class RayRunner:
                 replacements_left -= 0 if always else 1
                 slots.append(self._new_slot(remote_cls))
 
-        def timed_out() -> Iterator[UnitResult]:
-            """Stop the units past their time limit: their workers are killed and replaced."""
-            now = time.monotonic()
-            for ref, (t0, lim) in list(clocks.items()):
-                if lim is None or now < t0 + lim:
-                    continue
+        def stop_late_units() -> Iterator[UnitResult]:
+            """Units past their time limit: their actors are killed and replaced."""
+            for ref, full in clocks.expired():
                 slot, unit = inflight[ref]
-                if cfg.source_timeout == "auto" and lim == cfg.source_time_limit():  # media length not known yet
+                if cfg.source_timeout == "auto" and not full:  # ask the busy actor for its unit's full limit
                     try:
-                        full = ray.get(slot.handle.limit.remote(unit.key), timeout=LIMIT_QUERY_TIMEOUT_S)
+                        lim = ray.get(slot.handle.limit.remote(unit.key), timeout=LIMIT_QUERY_TIMEOUT_S)
                     except RayError:
-                        full = None
-                    if full is not None and full > lim:
-                        clocks[ref] = (t0, float(full))
-                        if time.monotonic() < t0 + full:
-                            continue
-                        lim = float(full)
-                del inflight[ref], clocks[ref]
+                        lim = None
+                    if lim is not None and clocks.extend(ref, lim):
+                        continue
+                lim = clocks.limit(ref)
+                del inflight[ref]
+                clocks.stop(ref)
                 slot.busy = None
                 replace_slot(slot, always=True)
-                name = os.fsdecode(unit.source.path)
-                log.warning("%s: timed out after %.0f s (--source-timeout); its worker was replaced", name, lim)
-                yield UnitResult.failed(unit, f"{name}: timed out after {lim:.0f} s (--source-timeout)")
-
-        def wait_s() -> float:
-            """How long ray.wait may block: until the next time limit, at most 30 s."""
-            ends = [t0 + lim for t0, lim in clocks.values() if lim is not None]
-            return 30.0 if not ends else max(0.05, min(30.0, min(ends) - time.monotonic()))
+                log.warning("%s: timed out after %.0f s (--source-timeout); its worker was replaced", unit.source.path, lim)
+                yield timed_out(unit, lim)
 
         while True:
             for s in slots:  # hand work to every ready, idle worker
@@ -357,14 +329,14 @@ class RayRunner:
                         break
                     s.busy = s.handle.run.remote(unit)
                     inflight[s.busy] = (s, unit)
-                    clocks[s.busy] = (time.monotonic(), cfg.source_time_limit())
+                    clocks.start(s.busy)
             if not inflight and not queue and exhausted:
                 break
             waiting = list(inflight) + [s.ready_ref for s in slots if s.ready_ref is not None]
             if not waiting:
                 raise FerBatchError("Ray runner: no worker left to run the remaining units")
-            ready_refs, _ = ray.wait(waiting, num_returns=1, timeout=wait_s())
-            stopped = list(timed_out())  # checked on every pass: other units may keep finishing
+            ready_refs, _ = ray.wait(waiting, num_returns=1, timeout=clocks.wait_s())
+            stopped = list(stop_late_units())  # checked on every pass: other units may keep finishing
             yield from stopped
             if stopped:
                 continue
@@ -382,33 +354,33 @@ class RayRunner:
                 try:
                     slot.info = ray.get(ref)
                 except RayError as e:
-                    log.warning("a Ray worker failed to start: %s", _short(e))
+                    log.warning("a Ray worker failed to start: %s", short_error(e))
                     replace_slot(slot)
                     if not slots:
-                        raise FerBatchError(f"Ray runner: workers cannot start: {_short(e)}") from e
+                        raise FerBatchError(f"Ray runner: workers cannot start: {short_error(e)}") from e
                     continue
                 slot.ready = True
                 self.models = self.models or slot.info["models"]
                 hook("worker_ready", dict(slot.info))
                 continue
             slot, unit = inflight.pop(ref)
-            clocks.pop(ref, None)
+            clocks.stop(ref)
             slot.busy = None
             try:
                 meta = ray.get(ref)
                 result = UnitResult(unit, meta["row"], meta["own_frames"], meta["faces"], info=meta)
             except RayTaskError as e:  # the unit raised
-                result = UnitResult.failed(unit, f"worker error: {_short(e)}")
+                result = UnitResult.failed(unit, f"worker error: {short_error(e)}")
             except RayActorError as e:  # the worker died and Ray's retries are spent
                 attempts[unit.key] = attempts.get(unit.key, 0) + 1
                 replace_slot(slot)
                 if attempts[unit.key] < UNIT_MAX_ATTEMPTS:
-                    log.warning("%s: worker died (%s); resubmitting", unit.key, _short(e))
+                    log.warning("%s: worker died (%s); resubmitting", unit.key, short_error(e))
                     queue.appendleft(unit)
                     continue
-                result = UnitResult.failed(unit, f"worker process died {attempts[unit.key]} times on this input: {_short(e)}")
+                result = UnitResult.failed(unit, f"worker process died {attempts[unit.key]} times on this input: {short_error(e)}")
             except RayError as e:  # e.g. its result was lost with a node
-                result = UnitResult.failed(unit, f"Ray error: {_short(e)}")
+                result = UnitResult.failed(unit, f"Ray error: {short_error(e)}")
             if result.info.get("node_id"):
                 nodes.add(result.info["node_id"])
             yield result
@@ -421,11 +393,6 @@ def _kill(slot: _ActorSlot) -> None:
         ray.kill(slot.handle, no_restart=True)
     except Exception:  # noqa: BLE001 - already gone
         pass
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    s = " ".join(str(e).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 __all__ = ["RayRunner", "FerWorker", "embedded_env", "ray_session"]

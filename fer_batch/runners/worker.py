@@ -45,6 +45,7 @@ from fer_batch.config import RunConfig
 from fer_batch.errors import FerBatchError
 from fer_batch.pipeline import Hook
 from fer_batch.plan import UnitResult, WorkUnit, unit_media_seconds
+from fer_batch.runners.support import timed_out
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class WorkerProcess:
                 if self.proc.poll() is None and deadline is not None and time.monotonic() >= deadline:
                     self.kill()
                     log.warning("%s: timed out after %.0f s (--source-timeout); worker stopped", name, limit)
-                    return UnitResult.failed(unit, f"{name}: timed out after {limit:.0f} s (--source-timeout)"), False
+                    return timed_out(unit, limit), False
                 reason = death_reason(self._exit_code())
                 self.kill()
                 log.warning("%s: the worker process %s while processing it", name, reason)

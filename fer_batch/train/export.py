@@ -227,6 +227,16 @@ def export(ckpt: str | list[str], name: str, models_dir: Path, fp16: bool = Fals
 
 def _member_facts(path: str, ck: dict[str, Any]) -> dict[str, Any]:
     hist = json.loads(ck.get("history", "[]"))
+    if ck.get("derived_from"):  # read back from a shipped ONNX member: its card's record stands
+        d = json.loads(ck["derived_from"])
+        rec = d.get("record") or {}
+        return {
+            "checkpoint_sha256": sha256_file(Path(path)),
+            "derived_from": f"member {d.get('member')} of {d.get('model')} (ONNX sha256 {d.get('onnx_sha256')}), "
+                            "read back exactly with examples/ferplus/ckpt_from_onnx.py",
+            **{k: rec[k] for k in ("epochs_run", "best_epoch", "val_macro_f1", "train_seconds") if k in rec},
+            "original_checkpoint_sha256": rec.get("checkpoint_sha256"),
+        }
     return {
         "checkpoint_sha256": sha256_file(Path(path)),
         "epochs_run": len(hist),
