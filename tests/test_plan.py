@@ -173,10 +173,15 @@ def local_runner():
 
 
 def test_local_runner_splits_and_the_merge_keeps_every_row_once(sample_video, local_runner):
-    """--segment-seconds works without Ray: same rows as the whole source, ids stitched."""
+    """--segment-seconds works without Ray: same rows as the whole source, ids stitched. The
+    segments run in the runner's worker process, the whole source in this process."""
     cfg = local_runner.cfg
     src = MediaSource(sample_video.path, "video", "v1")
-    whole = process_source(src, local_runner.stages, cfg)
+    stages = Stages(cfg, "cpu").setup()
+    try:
+        whole = process_source(src, stages, cfg)
+    finally:
+        stages.teardown()
     p = plan.Plan([src], cfg)
     asm = plan.Assembler(p)
     results = list(local_runner.run(p.units()))
