@@ -59,27 +59,66 @@ class BenchResult:
     peak_rss_mb_full: float
     peak_rss_mb_short: float
     peak_rss_mb_decode: float
+    peak_rss_mb_total: float = 0.0  # the full run's processes together (driver + worker), sampled
     ratios: list = field(default_factory=list)  # per round
     stages: dict | None = None  # detector frames/s, classifier faces/s (stage_rates)
 
 
-def _run_child(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
+def _tree_rss_mb(pid: int) -> float:
+    """Summed resident memory (MB) of ``pid`` and its descendants, from /proc (0 elsewhere)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - tree
+        tree |= frontier
+    kb = 0
+    for p in tree:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kb += int(line.split()[1])
+        except OSError:
+            pass
+    return kb / 1024.0
+
+
+def _run_child(args: list[str], env: dict | None = None, totals: list[float] | None = None) -> tuple[float, float, str]:
     """Run a child python; return (wall seconds, peak RSS MB, stdout).
 
-    ``os.wait4`` gives this child's own rusage (peak RSS), unlike RUSAGE_CHILDREN; stderr goes
-    to a temporary file so a chatty child cannot block on a full pipe.
+    ``os.wait4`` gives this child's own rusage: the peak RSS of its largest process (the
+    process itself or a child it waited for, such as the local runner's worker), unlike
+    RUSAGE_CHILDREN; stderr goes to a temporary file so a chatty child cannot block on a full
+    pipe. When ``totals`` is given, the peak of the summed RSS of the child and its
+    descendants (sampled every 0.1 s from /proc) is appended to it.
     """
+    import threading
+
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
-        stdout = p.stdout.read()
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.append(p.stdout.read()), daemon=True)
+        reader.start()
+        peak_total = 0.0
+        while totals is not None and reader.is_alive():
+            peak_total = max(peak_total, _tree_rss_mb(p.pid))
+            reader.join(0.1)
+        reader.join()
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {err.read()[-2000:]}")
-    return wall, ru.ru_maxrss / 1024.0, stdout
+    if totals is not None:
+        totals.append(max(peak_total, ru.ru_maxrss / 1024.0))
+    return wall, ru.ru_maxrss / 1024.0, "".join(chunks)
 
 
 _DECODE_ONLY = r"""
@@ -158,7 +197,8 @@ def bench_video(
         for _ in range(max(1, rounds)):
             dec_fps, rss_dec = decode_only(video, "decord", threads)
             dec_fps_av, _ = decode_only(video, "pyav", threads)
-            wall_full, rss_full, _ = _run_child(common + ["--out", f"{td}/full.parquet"])
+            tot: list[float] = []
+            wall_full, rss_full, _ = _run_child(common + ["--out", f"{td}/full.parquet"], totals=tot)
             wall_short, rss_short, _ = _run_child(common + ["--end", str(short_end), "--out", f"{td}/short.parquet"])
             full = pq.read_table(f"{td}/full.parquet")
             short = pq.read_table(f"{td}/short.parquet")
@@ -171,6 +211,7 @@ def bench_video(
                 "rtf": rtf, "pipe_fps": rtf * native_fps, "ratio": rtf * native_fps / dec_fps,
                 "sampled_fps": (src_full["frames_sampled"] - src_short["frames_sampled"]) / d_wall,
                 "faces_per_s": (full.num_rows - short.num_rows) / d_wall, "rss_full": rss_full, "rss_short": rss_short,
+                "rss_total": tot[0],
                 "frames": src_full["frames_sampled"], "faces": full.num_rows,
                 "first": _faces_first_frame(full),
             })
@@ -187,6 +228,7 @@ def bench_video(
         faces_per_frame=rows[-1]["faces"] / max(rows[-1]["frames"], 1), faces_first_frame=rows[-1]["first"],
         frames_sampled=rows[-1]["frames"], peak_rss_mb_full=max(r["rss_full"] for r in rows),
         peak_rss_mb_short=max(r["rss_short"] for r in rows), peak_rss_mb_decode=max(r["rss_dec"] for r in rows),
+        peak_rss_mb_total=max(r["rss_total"] for r in rows),
         ratios=[r["ratio"] for r in rows], stages=stage,
     )
 

@@ -19,3 +19,22 @@ def test_stage_rates_reports_detector_and_classifier_separately(sample_video):
     assert r["detector_frames_per_s"] > 0 and r["classifier_faces_per_s"] > 0
     assert r["detector_provider"] == r["classifier_provider"] == "CPUExecutionProvider"
     assert r["detector_batch"] == 1  # one frame per detector run on CPU (GPU: detect.GPU_BATCH)
+
+
+def test_run_child_reports_the_largest_process_and_all_processes_together():
+    """The local runner's worker is a child of ``fer-batch process``: the bench reports both the
+    largest process (wait4) and the sum over the run's processes (sampled from /proc)."""
+    import sys
+
+    from fer_batch.bench import _run_child
+
+    code = (
+        "import subprocess, sys, time; a = bytearray(150 << 20); "
+        "subprocess.run([sys.executable, '-c', 'import time; b = bytearray(200 << 20); time.sleep(1.5)']); "
+        "print('done')"
+    )
+    totals: list[float] = []
+    wall, largest, out = _run_child([sys.executable, "-c", code], totals=totals)
+    assert out.strip() == "done" and wall > 1.0
+    assert 200 < largest < 330, largest  # the grandchild alone
+    assert totals and totals[0] > 340, totals  # both at once

@@ -31,7 +31,7 @@ def bench(
     what = f"every {every} frames" if every else f"{fps} fps"
     t = Table(title=f"fer-batch bench (sampling {what}, --device {device}, --decoder {decoder}, {rounds} round(s), medians)")
     cols = ("video", "dur s", "decode f/s decord", "decode f/s pyav", "pipeline f/s", "ratio", "RTF steady",
-            "sampled/s", "faces/s", "faces/frame", "first", "RSS MB")
+            "sampled/s", "faces/s", "faces/frame", "first", "RSS MB (largest / all)")
     for col in cols:
         t.add_column(col)
     for v in videos:
@@ -41,7 +41,7 @@ def bench(
         t.add_row(
             v.name, f"{r.duration_s:.1f}", f"{r.decode_fps:.0f}", f"{r.decode_fps_pyav:.0f}", f"{r.pipeline_fps:.0f}",
             f"{r.ratio_to_decode:.2f}", f"{r.rtf_steady:.2f}", f"{r.sampled_fps:.1f}", f"{r.faces_per_s:.1f}",
-            f"{r.faces_per_frame:.2f}", str(r.faces_first_frame), f"{r.peak_rss_mb_full:.0f}",
+            f"{r.faces_per_frame:.2f}", str(r.faces_first_frame), f"{r.peak_rss_mb_full:.0f} / {r.peak_rss_mb_total:.0f}",
         )
     con = Console(width=None if sys.stdout.isatty() else 200)
     con.print(t)
