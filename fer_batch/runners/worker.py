@@ -80,6 +80,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
         self.conn: Connection | None = None
         self.models: dict[str, Any] = {}
+        self.busy = False  # a unit is running (stopping then means killing: Ctrl-C, SIGTERM)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "WorkerProcess":
@@ -114,8 +115,11 @@ class WorkerProcess:
             self._side_message(msg, None, None)
 
     def stop(self) -> None:
-        """Ask the child to exit; kill it if it does not."""
+        """Ask an idle child to exit (kill it if it does not); kill a busy one at once."""
         if self.proc is None:
+            return
+        if self.busy:
+            self.kill()
             return
         try:
             if self.conn is not None:
@@ -157,6 +161,13 @@ class WorkerProcess:
     def run(self, unit: WorkUnit, hook: Hook) -> tuple[UnitResult, bool]:
         """Run one unit; returns (result, whether this worker is still usable)."""
         assert self.conn is not None and self.proc is not None
+        self.busy = True
+        try:
+            return self._run(unit, hook)
+        finally:
+            self.busy = False
+
+    def _run(self, unit: WorkUnit, hook: Hook) -> tuple[UnitResult, bool]:
         name = os.fsdecode(unit.source.path)
         limit = self.cfg.source_time_limit()  # the whole limit, or (auto) the part before the media is open
         start = time.monotonic()
