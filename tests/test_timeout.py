@@ -163,3 +163,25 @@ def test_the_worker_dies_with_a_killed_run(long_media, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_incremental_records_a_timed_out_input_and_skips_it_until_retry(long_media, tmp_path):
+    """--incremental: the input over its limit is recorded failed ("timed out") with no rows,
+    the run exits 1; the next run leaves it alone (unchanged, failed before) and exits 0; with
+    --retry-failed it is tried again."""
+    from fer_batch.incremental import read_dataset, run_incremental
+
+    cfg = config_from_options(every=1, reid="off", threads=1, source_timeout="4")
+    ds = tmp_path / "ds"
+    first = run_incremental([long_media], ds, cfg)
+    by_name = {Path(o["path"]).name: o for o in first.outcomes}
+    assert first.exit_code == 1
+    assert by_name["b_long.mp4"]["status"] == "failed" and "timed out after 4 s" in by_name["b_long.mp4"]["error"]
+    assert by_name["a_photo.jpg"]["status"] == by_name["c_photo.jpg"]["status"] == "ok"
+    rows = read_dataset(ds, columns=["source_path"]).column("source_path").to_pylist()
+    assert rows and not [p for p in rows if p.endswith("b_long.mp4")]
+    second = run_incremental([long_media], ds, cfg)
+    assert second.exit_code == 0 and second.counts["failed_before_unchanged"] == 1, second.summary
+    third = run_incremental([long_media], ds, cfg, retry_failed=True)
+    retried = {Path(o["path"]).name: o for o in third.outcomes}["b_long.mp4"]
+    assert retried["status"] == "failed" and "timed out" in retried["error"] and third.exit_code == 1
