@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-from scipy.optimize import linear_sum_assignment
 
 from fer_batch.config import RunConfig
 from fer_batch.errors import FerBatchError
@@ -34,7 +33,7 @@ from fer_batch.io import MediaReader
 from fer_batch.io.sampling import TIME_EPS
 from fer_batch.pipeline import smooth_probs
 from fer_batch.schema import FACES_SCHEMA, PROB_COLUMNS, SMOOTH_COLUMNS, SourceRow, TrackSummary
-from fer_batch.track import iou_matrix
+from fer_batch.track import iou_matrix, linear_sum_assignment
 from fer_batch.types import MediaSource
 
 log = logging.getLogger(__name__)

@@ -42,11 +42,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from fer_batch.config import REID_MODES, TrackConfig
 from fer_batch.errors import ConfigError, DataError
 from fer_batch.types import FaceDetections
+
+
+def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``scipy.optimize.linear_sum_assignment``, imported on first use: scipy.optimize costs
+    about 50 MB of memory, which the run's driver process (it only merges) never needs."""
+    from scipy.optimize import linear_sum_assignment as lsa
+
+    return lsa(cost)
+
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -29,6 +28,15 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 100_000_000
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _rgb_to_bgr(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> contiguous BGR (numpy: no OpenCV in a process that only discovers)."""
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _gray_to_bgr(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
 
 
 def allowed_formats() -> tuple[str, ...]:
@@ -97,7 +105,7 @@ def to_bgr(im: Image.Image) -> np.ndarray:
         rgba = np.asarray(im.convert("RGBA"))
         alpha = rgba[:, :, 3:4].astype(np.uint16)
         rgb = ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-        return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        return _rgb_to_bgr(rgb)
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(im)
         if arr.ndim == 3:  # e.g. a 16-bit multi-channel mode; keep the first channel
@@ -107,17 +115,17 @@ def to_bgr(im: Image.Image) -> np.ndarray:
             gray = np.clip(arr, 0, 255).astype(np.uint8)
         else:
             gray = ((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        return _gray_to_bgr(gray)
     if mode == "F":
         arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if arr.size and arr.max() <= 1.0:
             arr = arr * 255.0
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        return _gray_to_bgr(gray)
     if mode == "L":
-        return cv2.cvtColor(np.asarray(im), cv2.COLOR_GRAY2BGR)
+        return _gray_to_bgr(np.asarray(im))
     rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    return _rgb_to_bgr(rgb)
 
 
 def check_nonempty_file(path: Path) -> int:
