@@ -23,18 +23,25 @@ def test_stage_rates_reports_detector_and_classifier_separately(sample_video):
 
 def test_run_child_reports_the_largest_process_and_all_processes_together():
     """The local runner's worker is a child of ``fer-batch process``: the bench reports both the
-    largest process (wait4) and the sum over the run's processes (sampled from /proc)."""
+    largest process (wait4) and the sum over the run's processes (sampled from /proc). Measured
+    from a small fresh process, as ``fer-batch bench`` is one: Linux keeps a process's peak RSS
+    across fork and exec, so a child of this (large) test process would start at its size."""
+    import json
+    import subprocess
     import sys
-
-    from fer_batch.bench import _run_child
 
     code = (
         "import subprocess, sys, time; a = bytearray(150 << 20); "
         "subprocess.run([sys.executable, '-c', 'import time; b = bytearray(200 << 20); time.sleep(1.5)']); "
         "print('done')"
     )
-    totals: list[float] = []
-    wall, largest, out = _run_child([sys.executable, "-c", code], totals=totals)
+    probe = (
+        "import json, sys; from fer_batch.bench import _run_child; t = []; "
+        "w, big, out = _run_child([sys.executable, '-c', sys.argv[1]], totals=t); "
+        "print(json.dumps([w, big, out, t]))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe, code], capture_output=True, text=True, check=True)
+    wall, largest, out, totals = json.loads(r.stdout.strip().splitlines()[-1])
     assert out.strip() == "done" and wall > 1.0
     assert 200 < largest < 330, largest  # the grandchild alone
     assert totals and totals[0] > 340, totals  # both at once
