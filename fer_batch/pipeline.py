@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -27,6 +28,21 @@ from fer_batch.types import EMOTIONS, FaceDetections, MediaSource
 log = logging.getLogger(__name__)
 
 Hook = Callable[[str, dict], None]
+
+
+def detector_threads(threads: int, device: str) -> int:
+    """Intra-op threads of the detector's CPU session.
+
+    ``threads`` > 0 is the user's budget, used as given. With the default (0) the decoder
+    thread runs next to the detector all the time (``prefetch``), so the detector leaves it one
+    core: on the 2-core benchmark box one detector thread costs 2 ms per 720p frame (20.2 vs
+    18.0 ms) and the whole pipeline got 8% faster (60 s file at 2 fps, 3 interleaved runs:
+    5.05 vs 5.50 s).
+    """
+    if threads > 0 or device.startswith("cuda"):
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores - 1)
 
 
 def _no_hook(step: str, payload: dict) -> None:
@@ -57,7 +73,8 @@ class Stages:
             import cv2
 
             cv2.setNumThreads(c.threads)
-        self.detector = FaceDetector(c.detect, device=self.device, threads=c.threads, models_dir=c.models_dir)
+        self.detector = FaceDetector(c.detect, device=self.device, threads=detector_threads(c.threads, self.device),
+                                     models_dir=c.models_dir)  # fmt: skip
         self.detector.setup()
         # The device was resolved once for the run; both stages get the same one.
         cls_cfg = dataclasses.replace(c.classify, device=self.device)
