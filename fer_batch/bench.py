@@ -64,7 +64,7 @@ class BenchResult:
     stages: dict | None = None  # detector frames/s, classifier faces/s (stage_rates)
 
 
-def _tree_rss_mb(pid: int) -> float:
+def tree_rss_mb(pid: int) -> float:
     """Summed resident memory (MB) of ``pid`` and its descendants, from /proc (0 elsewhere)."""
     parents: dict[int, int] = {}
     for d in Path("/proc").iterdir():
@@ -107,7 +107,7 @@ def _run_child(args: list[str], env: dict | None = None, totals: list[float] | N
         reader.start()
         peak_total = 0.0
         while totals is not None and reader.is_alive():
-            peak_total = max(peak_total, _tree_rss_mb(p.pid))
+            peak_total = max(peak_total, tree_rss_mb(p.pid))
             reader.join(0.1)
         reader.join()
         _, status, ru = os.wait4(p.pid, 0)

@@ -23,34 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fer_batch.bench import tree_rss_mb
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tree(pid: int) -> list[int]:
-    parents = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = [pid], {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier}
-        out += sorted(frontier)
-    return out
-
-
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024.0
 
 
 def run_once(inputs: list[str], mode: str, extra: list[str]) -> tuple[float, float]:
@@ -61,7 +36,7 @@ def run_once(inputs: list[str], mode: str, extra: list[str]) -> tuple[float, flo
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         peak = 0.0
         while p.poll() is None:
-            peak = max(peak, _rss_mb(_tree(p.pid)))
+            peak = max(peak, tree_rss_mb(p.pid))
             time.sleep(0.1)
         wall = time.perf_counter() - t0
         err = p.stderr.read().decode()
