@@ -65,12 +65,12 @@ def posed_crops(spec, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return gray, ds.labels, have
 
 
-def head_probs(ckpt: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def head_probs(ckpt: str, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     ck = load_checkpoint(ckpt)
     out = []
     for a in (1.0, 0.0):
         model, spec, _ = model_from_checkpoint(ck, head_mix=a)
-        out.append(predict(model, images, spec))
+        out.append(predict(model, images, spec, tta=tta))
     return out[0], out[1]
 
 
@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--template-from", default="vgg_fer2013", help="Card whose alignment template the posed crops use.")
     ap.add_argument("--blend", default="", help="Also blend each candidate with this registered model's probabilities ...")
     ap.add_argument("--blend-weights", default="0.2,0.3,0.4")
+    ap.add_argument("--tta", default="off", choices=("off", "on", "both"),
+                    help="Horizontal-flip test-time augmentation of the checkpoints: off, on, or both as separate candidates.")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -118,10 +120,12 @@ def main() -> None:
         np.savez(cache, crops=posed, labels=posed_labels, have=posed_have)
     log.info("validation data ready in %.0f s: FER+ %d, FER2013 %d, posed %d (%d with a face)", time.time() - t0, len(fp), len(f13),
              len(posed_labels), int(posed_have.sum()))
-    heads = {}
-    for c in a.ckpts:
-        heads[c] = {name: head_probs(c, imgs) for name, imgs in (("ferplus", fp.images), ("fer2013", f13.images), ("posed", posed))}
-        log.info("%s: head probabilities done", c)
+    ttas = {"off": [False], "on": [True], "both": [False, True]}[a.tta]
+    heads: dict = {}
+    for tta in ttas:
+        for c in a.ckpts:
+            heads[tta, c] = {name: head_probs(c, imgs, tta) for name, imgs in (("ferplus", fp.images), ("fer2013", f13.images), ("posed", posed))}
+            log.info("%s (tta %s): head probabilities done", c, tta)
     blend = {}
     if a.blend:
         from fer_batch.classify import EmotionClassifier
@@ -133,20 +137,20 @@ def main() -> None:
     mixes = [float(x) for x in a.mixes.split(",")]
     subsets = [list(s) for k in range(1, len(a.ckpts) + 1) for s in itertools.combinations(a.ckpts, k)]
     weights = [0.0] + ([float(x) for x in a.blend_weights.split(",")] if blend else [])
-    for members, mix, bw in itertools.product(subsets, mixes, weights):
+    for tta, members, mix, bw in itertools.product(ttas, subsets, mixes, weights):
         def p(name):
-            q = np.mean([mix * heads[c][name][0] + (1 - mix) * heads[c][name][1] for c in members], 0)
+            q = np.mean([mix * heads[tta, c][name][0] + (1 - mix) * heads[tta, c][name][1] for c in members], 0)
             return (1 - bw) * q + bw * blend[name] if bw else q
         pp = np.full((len(posed_labels), len(EMOTIONS)), np.nan, np.float32)
         pp[posed_have] = p("posed")
         row = {"members": [str(Path(c).parent.name) + ("" if Path(c).name == "best.pt" else ":" + Path(c).stem) for c in members],
-               "head_mix": mix, "blend": a.blend if bw else None, "blend_weight": bw,
+               "tta": tta, "head_mix": mix, "blend": a.blend if bw else None, "blend_weight": bw,
                "ferplus_val": summarise(p("ferplus"), fp.labels, fp.targets),
                "fer2013_val": summarise(p("fer2013"), f13.labels),
                "posed_val": summarise(pp[posed_have], posed_labels[posed_have])}
         row["posed_val"]["acc_all"] = round(float((np.where(posed_have, np.nan_to_num(pp).argmax(1), -1) == posed_labels).mean()), 4)
         rows.append(row)
-        log.info("%s mix %.2f blend %.2f: FER+ %.4f/%.4f neutral %.3f nll %.3f | FER2013 %.4f | posed %.4f", row["members"], mix, bw,
+        log.info("%s tta %s mix %.2f blend %.2f: FER+ %.4f/%.4f neutral %.3f nll %.3f | FER2013 %.4f | posed %.4f", row["members"], tta, mix, bw,
                  row["ferplus_val"]["acc"], row["ferplus_val"]["f1"], row["ferplus_val"]["recall"]["neutral"], row["ferplus_val"]["nll"],
                  row["fer2013_val"]["acc"], row["posed_val"]["acc_all"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
