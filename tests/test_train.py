@@ -253,3 +253,35 @@ def test_transfer_from_torchvision_weights_with_freeze(folder, tmp_path):
     assert sd["classifier.3.weight"].shape == (7, 1024)
     hist = json.loads(load_checkpoint(out / "last.pt")["history"])
     assert hist[0]["frozen"] is True
+
+
+def test_kept_epochs_are_averaged_into_one_checkpoint(folder, tmp_path, face_crops):
+    """--keep-epochs keeps every epoch; examples/ferplus/average_weights.py means them (BatchNorm re-estimated)."""
+    import subprocess
+    import sys
+
+    from fer_batch.train.engine import model_from_checkpoint, predict
+
+    out = tmp_path / "run"
+    main(_args(folder, out, epochs=3, keep_epochs=True))
+    kept = sorted((out / "epochs").glob("ep*.pt"))
+    assert [p.name for p in kept] == ["ep01.pt", "ep02.pt", "ep03.pt"]
+    cks = [load_checkpoint(p) for p in kept]
+    assert torch.equal(cks[-1]["model"]["features.0.weight"], load_checkpoint(out / "last.pt")["model"]["features.0.weight"])
+    avg = tmp_path / "avg.pt"
+    r = subprocess.run([sys.executable, str(REPO / "examples/ferplus/average_weights.py"), *map(str, kept[1:]), "--data", str(folder),
+                        "--out", str(avg)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(avg)
+    mean = (cks[1]["model"]["features.0.weight"] + cks[2]["model"]["features.0.weight"]) / 2
+    torch.testing.assert_close(ck["model"]["features.0.weight"], mean)
+    assert [c["epoch"] for c in json.loads(ck["averaged_from"])["checkpoints"]] == [2, 3]
+    assert "optimizer" not in ck and ck["labels"] == list(EMOTIONS)
+    # BatchNorm statistics are re-estimated on the data, not averaged
+    bn = "features.1.running_mean"
+    assert not torch.allclose(ck["model"][bn], (cks[1]["model"][bn] + cks[2]["model"][bn]) / 2)
+    model, spec, _ = model_from_checkpoint(ck)
+    gray, _ = face_crops
+    p = predict(model, gray[..., None], spec)
+    assert p.shape == (len(gray), 7)
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)

@@ -7,7 +7,8 @@ of the statistics, so they are re-estimated on training images (centre crop, no 
 the whole training set once, cumulative mean). The result is an ordinary fer-batch checkpoint
 (arguments, preprocessing and history from the last input; ``averaged_from`` lists the inputs).
 
-    python examples/ferplus/average_weights.py runs/fp3_vgg32/snap/ep1{6..9}.pt \\
+    fer-batch train ... --out runs/fp3_vgg32 --keep-epochs
+    python examples/ferplus/average_weights.py runs/fp3_vgg32/epochs/ep{12..19}.pt \\
         --data ../shared/data/ferplus/ferplus.parquet --where fer_usage=Training --out runs/swa/best.pt
 """
 

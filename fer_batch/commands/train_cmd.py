@@ -88,6 +88,7 @@ def train(
     max_steps_per_epoch: int = typer.Option(0, "--max-steps-per-epoch", hidden=True),
     time_budget: float = typer.Option(0.0, "--time-budget", help="Minutes: when the measured pace would overrun, the cosine schedule is re-planned with fewer epochs (a shared CPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep every epoch's checkpoint as OUT/epochs/epNN.pt (for weight averaging)."),
 ) -> None:
     """Train (or fine-tune) an emotion classifier; checkpoints carry their arguments and label order."""
     _passive_omp()
@@ -116,7 +117,7 @@ def train(
                          augment=aug.to_dict(), init=init, freeze_epochs=freeze_epochs, backbone_lr_mult=backbone_lr_mult,
                          patience=patience, seed=seed, threads=threads, device=device, precision=precision,
                          channels_last=channels_last, max_steps_per_epoch=max_steps_per_epoch,
-                         time_budget_min=time_budget, command=cmd)
+                         time_budget_min=time_budget, keep_epochs=keep_epochs, command=cmd)
         best = main(args, resume=resume)
     except FerBatchError as e:
         _fail(e)

@@ -75,6 +75,7 @@ class TrainArgs:
     eval_tta: bool = False
     max_steps_per_epoch: int = 0  # for smoke tests; 0 = all
     time_budget_min: float = 0.0  # >0: fewer epochs when the measured pace would overrun this many minutes
+    keep_epochs: bool = False  # also keep every epoch's checkpoint as OUT/epochs/epNN.pt (for weight averaging)
     command: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,7 +387,8 @@ def _progress(out_dir: Path):
 def main(args: TrainArgs, resume: bool = False) -> Path:
     """Train; return the path of the best checkpoint (by validation macro-F1).
 
-    Writes ``OUT/last.pt`` every epoch (resumable), ``OUT/best.pt``, ``OUT/history.jsonl``.
+    Writes ``OUT/last.pt`` every epoch (resumable), ``OUT/best.pt``, ``OUT/history.jsonl``;
+    with ``keep_epochs`` also ``OUT/epochs/epNN.pt`` (inputs of ``examples/ferplus/average_weights.py``).
     """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -553,6 +555,9 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
             row["planned_epochs"] = planned_epochs
             payload["planned_epochs"], payload["spent_s"] = planned_epochs, spent_s
             save_checkpoint(last, payload)
+            if args.keep_epochs:
+                (out / "epochs").mkdir(exist_ok=True)
+                save_checkpoint(out / "epochs" / f"ep{epoch + 1:02d}.pt", payload)
             if improved:
                 save_checkpoint(out / "best.pt", payload)
             with open(out / "history.jsonl", "a") as fh:
