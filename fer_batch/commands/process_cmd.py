@@ -83,6 +83,7 @@ def process(
     model: Optional[str] = typer.Option(None, help="Emotion model: registered name or path (default: the registry's default)."),
     batch_size: int = typer.Option(64, help="Faces per classifier batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Also classify each face's mirror image and average (default: as the model card says; the default model does, --no-tta halves the classifier's work)."),
     smooth: float = typer.Option(0.0, help="Temporal smoothing window per track, seconds (0 = off; raw values are always kept)."),
     reid: str = typer.Option("auto", help="Re-identify returning faces by embedding: auto (the detector pack's recognition model, else the default pack's face embedding) | on | off."),
     runner: str = typer.Option("local", help="local (in-process) | ray."),
