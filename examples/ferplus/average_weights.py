@@ -15,7 +15,6 @@ the whole training set once, cumulative mean). The result is an ordinary fer-bat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,14 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fer_batch.models import sha256_file
 from fer_batch.preprocess import PreprocessSpec, prepare
 from fer_batch.train.checkpoints import CKPT_FORMAT, load_checkpoint, save_checkpoint
 from fer_batch.train.data import load_dataset
 from fer_batch.train.engine import TrainArgs, _make_model, two_heads
-
-
-def sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main() -> int:
@@ -75,14 +71,13 @@ def main() -> int:
     payload = dict(base)
     payload["model"] = {n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()}
     payload["averaged_from"] = json.dumps({
-        "checkpoints": [{"file": Path(p).name, "sha256": sha256(p), "epoch": int(ck.get("epoch", -1)) + 1} for p, ck in zip(a.ckpts, cks)],
+        "checkpoints": [{"file": Path(p).name, "sha256": sha256_file(Path(p)), "epoch": int(ck.get("epoch", -1)) + 1} for p, ck in zip(a.ckpts, cks)],
         "bn_images": len(ds.images), "command": "python examples/ferplus/average_weights.py " + " ".join(
             [*(str(Path(p).parent.name) + "/" + Path(p).name for p in a.ckpts), "--data", Path(a.data).name]
             + (["--where", a.where] if a.where else [])),
     })  # fmt: skip
     for key in ("optimizer", "scheduler", "scaler", "rng"):
         payload.pop(key, None)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(a.out, payload)
     print(f"{a.out}: mean of {len(cks)} checkpoints, BatchNorm re-estimated on {len(ds.images)} images in {time.time() - t0:.0f} s")
     return 0

@@ -73,7 +73,6 @@ def main() -> int:
         "spent_s": float(record.get("train_seconds", 0.0)),
         "derived_from": json.dumps({"model": a.model, "member": a.member, "onnx_sha256": card.sha256, "record": record}),
     }  # fmt: skip
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(a.out, payload)
     print(f"{a.out}: member {a.member} of {a.model} (widths {widths}, head {hw.shape})")
     return 0

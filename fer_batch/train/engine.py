@@ -556,7 +556,6 @@ def main(args: TrainArgs, resume: bool = False) -> Path:
             payload["planned_epochs"], payload["spent_s"] = planned_epochs, spent_s
             save_checkpoint(last, payload)
             if args.keep_epochs:
-                (out / "epochs").mkdir(exist_ok=True)
                 save_checkpoint(out / "epochs" / f"ep{epoch + 1:02d}.pt", payload)
             if improved:
                 save_checkpoint(out / "best.pt", payload)
