@@ -224,3 +224,26 @@ def test_init_from_a_shipped_onnx_ensemble_member_is_exact():
 
     with pytest.raises(ModelError, match="do not match|shape"):
         init_vgg_from_onnx(VGGNet(7, 1, widths=(16, 32)), path, 0, calib)
+
+
+def test_init_from_a_shipped_single_network_export_is_exact():
+    """A single-network export (``vgg_ferplus_v2``: one two-head network, no ``members.K`` in its
+    node names) reads back as member 0: its vote head reproduces the file's output."""
+    import onnxruntime as ort
+
+    from fer_batch.errors import ModelError
+    from fer_batch.train.nets import VGGNet
+    from fer_batch.train.onnx_init import init_vgg_from_onnx, resolve_onnx
+
+    path, member = resolve_onnx("vgg_ferplus_v2#0")
+    g = torch.Generator().manual_seed(0)
+    calib = torch.rand(128, 1, 40, 40, generator=g) * 2 - 1
+    x = torch.rand(32, 1, 40, 40, generator=g) * 2 - 1
+    m = VGGNet(14, 1, widths=(32, 64, 128, 256))
+    init_vgg_from_onnx(m, path, member, calib)
+    with torch.no_grad():
+        p = m.eval()(x)[:, :7].softmax(1).numpy()
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(p, want, atol=1e-5)
+    with pytest.raises(ModelError, match="no ensemble member 1"):
+        init_vgg_from_onnx(VGGNet(14, 1, widths=(32, 64, 128, 256)), path, 1, calib)

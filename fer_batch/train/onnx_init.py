@@ -29,7 +29,10 @@ from torch import nn
 from fer_batch.errors import ModelError
 
 log = logging.getLogger(__name__)
-_CONV = re.compile(r"members\.(\d+)/(?:net/)?features/features\.(\d+)/Conv")
+# conv / head node names of a fer-batch VGG export: "/net/members.K/net/..." in an ensemble,
+# "/net/net/..." (two-head) or "/net/..." for a single network (member 0)
+_CONV = re.compile(r"^/net/(?:members\.(\d+)/)?(?:net/)?features/features\.(\d+)/Conv")
+_HEAD = re.compile(r"^/net/(?:members\.(\d+)/)?(?:net/)?head/head\.\d+/Gemm")
 
 
 def resolve_onnx(ref: str) -> tuple[Path, int]:
@@ -69,11 +72,12 @@ def member_weights(onnx_path: Path, member: int) -> tuple[dict[int, tuple[np.nda
     head = None
     for n in g.node:
         m = _CONV.search(n.output[0]) if n.op_type == "Conv" else None
-        if m and int(m.group(1)) == member:
+        if m and int(m.group(1) or 0) == member:
             if len(n.input) < 3:
                 raise ModelError(f"{onnx_path}: conv {n.output[0]} has no bias (BatchNorm not folded?)")
             convs[int(m.group(2))] = (vals[n.input[1]], vals[n.input[2]])
-        if n.op_type == "Gemm" and f"members.{member}/" in n.output[0]:
+        h = _HEAD.search(n.output[0]) if n.op_type == "Gemm" else None
+        if h and int(h.group(1) or 0) == member:
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
             w = vals[n.input[1]]
             head = (w if trans_b else w.T, vals[n.input[2]])
