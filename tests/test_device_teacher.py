@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fer_batch.train.data import LoadReport, load_dataset, read_votes, vote_columns
-from tests.test_votes import FERPLUS_COLS, _votes_table
+from test_votes import FERPLUS_COLS, _votes_table  # tests/ is on sys.path (rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "examples/ferplus/device"

@@ -23,6 +23,7 @@ from fer_batch.config import RunConfig, config_from_options
 from fer_batch.incremental import META_INCREMENTAL
 from fer_batch.pipeline import Stages, process_source
 from fer_batch.types import MediaSource
+from procs import gone, workers_of  # tests/ is on sys.path (rootdir conftest)
 
 
 class _FailingSession(EmotionClassifier):
@@ -127,31 +128,12 @@ def _start_and_signal_when_in_progress(cmd: list[str], ds: Path, name: str, sig:
         except (OSError, ValueError, KeyError):
             running = {}
         if any(Path(r["path"]).name == name and r.get("pid") == proc.pid for r in running.values()):
-            proc.workers = _workers_of(proc.pid)  # the local runner's worker processes
+            proc.workers = workers_of(proc.pid)  # the local runner's worker processes
             os.kill(proc.pid, sig)
             break
         time.sleep(0.005)
     proc.wait(timeout=120)
     return proc
-
-
-def _workers_of(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
-                    and b"fer_batch.runners.child" in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _rows_per_input(ds: Path) -> dict[str, list[int]]:
@@ -182,7 +164,7 @@ def test_sigterm_mid_run_exits_143_leaves_no_temp_files_and_a_consistent_dataset
     proc = _start_and_signal_when_in_progress(_cmd(inbox, ds), ds, "b_slow.mp4", signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert proc.returncode == 143, err[-3000:]
-    assert proc.workers and all(_gone(w) for w in proc.workers), "the worker outlived the stopped run"
+    assert proc.workers and all(gone(w) for w in proc.workers), "the worker outlived the stopped run"
     assert "Traceback" not in err, err[-3000:]
     assert not [p for p in ds.rglob("*") if p.name.endswith(".tmp")]
     summary = json.loads((ds / "_runs" / "latest.json").read_bytes())

@@ -22,33 +22,7 @@ from fer_batch import synth
 from fer_batch.api import run
 from fer_batch.config import AUTO_TIMEOUT_BASE_S, RunConfig, config_from_options
 from fer_batch.errors import ConfigError
-
-WORKER = "fer_batch.runners.child"
-
-
-def _workers_of(pid: int) -> list[int]:
-    """Live (not zombie) worker processes whose parent is ``pid``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z" and WORKER.encode() in cmd:
-            out.append(int(d.name))
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"
+from procs import gone, workers_of  # tests/ is on sys.path (rootdir conftest)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +76,7 @@ def test_a_source_over_its_limit_is_failed_and_the_run_goes_on(long_media, tmp_p
     # the photo after the stuck input ran in another worker process (the first was killed)
     assert pids["a_photo.jpg"] != pids["c_photo.jpg"], pids
     assert wall < 120, wall  # bounded: minutes of work were cut off at 4 s
-    assert not _workers_of(os.getpid()), "the run left a worker process behind"
+    assert not workers_of(os.getpid()), "the run left a worker process behind"
 
 
 def test_a_worker_that_dies_fails_only_its_input(long_media, sample_video, tmp_path):
@@ -112,7 +86,7 @@ def test_a_worker_that_dies_fails_only_its_input(long_media, sample_video, tmp_p
 
     def hook(step, payload):
         if step == "frame" and payload["source"].path.name == sample_video.path.name and not killed:
-            (pid,) = _workers_of(os.getpid())
+            (pid,) = workers_of(os.getpid())
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -131,7 +105,7 @@ def test_off_runs_in_process_without_a_worker(long_media, tmp_path):
 
     def hook(step, payload):
         if step == "frame":
-            seen.append(_workers_of(os.getpid()))
+            seen.append(workers_of(os.getpid()))
 
     res = run([long_media / "a_photo.jpg"], out=tmp_path / "r.parquet", reid="off", source_timeout="off", hook=hook)
     assert res.sources.column("status").to_pylist() == ["ok"]
@@ -150,15 +124,15 @@ def test_the_worker_dies_with_a_killed_run(long_media, tmp_path):
         workers: list[int] = []
         while not workers and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            workers = _workers_of(proc.pid)
+            workers = workers_of(proc.pid)
         assert workers, f"no worker process started: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
         time.sleep(3)  # loading models / working
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         deadline = time.monotonic() + 20
-        while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+        while not all(gone(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(_gone(w) for w in workers), "the worker outlived the killed run"
+        assert all(gone(w) for w in workers), "the worker outlived the killed run"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -37,8 +37,9 @@ SIDE, TILE = 48, 16  # face side; faces per mosaic row (TILE x TILE faces per mo
 
 
 def tracked_bytes(repo: Path) -> int:
-    """Bytes of the tracked files (what every device call sends)."""
-    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, check=True).stdout
+    """Bytes of what every device call sends: tracked files and untracked ones git does not ignore."""
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout
     return sum((repo / p).stat().st_size for p in out.decode().split("\0") if p and (repo / p).is_file())
 
 
