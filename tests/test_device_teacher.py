@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,8 +47,6 @@ def test_device_teacher_route_runs_end_to_end_on_cpu(tmp_path, face_crops):
     src = u.column("src_row").to_numpy()
     assert sorted(src) == [i for i, s in enumerate(usage) if s in ("Training", "PublicTest")]
     # faces survive the mosaic JPEG closely; votes exactly (NaN and negative ones too, for the reader to refuse)
-    import cv2
-
     orig = t.column("image").to_pylist()
     err = [np.abs(cv2.imdecode(np.frombuffer(u.column("image")[i].as_py(), np.uint8), 0).astype(int)
                   - cv2.imdecode(np.frombuffer(orig[r], np.uint8), 0)).mean() for i, r in enumerate(src)]

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from fer_batch.train.data import load_dataset
-from fer_batch.train.engine import load_checkpoint, metrics_from, model_from_checkpoint, predict, vote_metrics
+from fer_batch.train.engine import load_checkpoint, model_from_checkpoint, predict
+from fer_batch.train.metrics import probs_metrics
 from fer_batch.types import EMOTIONS
 
 SHARED = Path(os.environ.get("FER_BATCH_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
@@ -75,14 +76,12 @@ def head_probs(ckpt: str, images: np.ndarray, tta: bool = False) -> tuple[np.nda
 
 
 def summarise(p: np.ndarray, labels: np.ndarray, targets: np.ndarray | None = None) -> dict:
-    pred = p.argmax(1)
-    lab = labels >= 0
-    m = metrics_from(labels[lab], pred[lab])
+    lab = labels >= 0  # vote metrics here on the labelled rows only
+    m = probs_metrics(p[lab], labels[lab], None if targets is None else targets[lab])
     r = {"acc": round(m["accuracy"], 4), "f1": round(m["macro_f1"], 4),
          "recall": {e: round(v["recall"], 3) for e, v in m["per_class"].items()}}
     if targets is not None:
-        v = vote_metrics(p[lab], targets[lab])
-        r.update(nll=round(v["nll"], 4), ece=round(v["ece"], 4))
+        r.update(nll=round(m["nll"], 4), ece=round(m["ece"], 4))
     return r
 
 

@@ -29,7 +29,7 @@ from fer_batch.train.augment import AugmentConfig, mix, train_batch
 from fer_batch.train.checkpoints import CKPT_FORMAT, load_checkpoint, load_state_dict_file, save_checkpoint  # noqa: F401  (re-exported)
 from fer_batch.train.data import ImageDataset, check_trainable, load_dataset, split_train_val
 from fer_batch.train.models import build_model, count_params, head_param_names, replace_head
-from fer_batch.train.metrics import metrics_from, vote_metrics  # noqa: F401  (re-exported: evaluate, tests)
+from fer_batch.train.metrics import metrics_from, probs_metrics, vote_metrics  # noqa: F401  (re-exported: evaluate, tests)
 from fer_batch.types import EMOTIONS
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,7 @@ def predict(model: nn.Module, images: np.ndarray, spec: PreprocessSpec, batch_si
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: PreprocessSpec, tta: bool = False, **kw) -> dict[str, Any]:
     """Metrics of ``model`` (outputs in EMOTIONS order) on ``ds`` (labelled rows; NLL/ECE with votes)."""
-    probs = predict(model, ds.images, spec, tta=tta, **kw)
-    lab = ds.labels >= 0
-    m = metrics_from(ds.labels[lab], probs[lab].argmax(1))
-    if ds.targets is not None:
-        m.update({k: v for k, v in vote_metrics(probs, ds.targets).items() if k != "reliability"})
-    return m
+    return probs_metrics(predict(model, ds.images, spec, tta=tta, **kw), ds.labels, ds.targets)
 
 
 def _soft_ce(logits: torch.Tensor, y_soft: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

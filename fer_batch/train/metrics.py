@@ -65,3 +65,13 @@ def vote_metrics(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> dict
         else:
             rel.append({"bin": round(float(edges[b]), 4), "n": 0, "confidence": None, "agreement": None})
     return {"nll": nll, "ece": float(ece), "reliability": rel}
+
+
+def probs_metrics(probs: np.ndarray, labels: np.ndarray, targets: np.ndarray | None = None) -> dict[str, Any]:
+    """:func:`metrics_from` on the rows with a label (>= 0) for the top class of ``probs``, and with
+    ``targets`` (vote distributions, every row) also ``nll`` and ``ece`` of :func:`vote_metrics`."""
+    lab = np.asarray(labels) >= 0
+    m = metrics_from(np.asarray(labels)[lab], np.asarray(probs)[lab].argmax(1))
+    if targets is not None:
+        m.update({k: v for k, v in vote_metrics(probs, targets).items() if k != "reliability"})
+    return m

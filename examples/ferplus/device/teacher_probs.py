@@ -23,14 +23,13 @@ import torch
 from fer_batch.train.checkpoints import load_checkpoint
 from fer_batch.train.data import load_dataset
 from fer_batch.train.engine import model_from_checkpoint, predict, resolve_device
-from fer_batch.train.metrics import metrics_from, vote_metrics
+from fer_batch.train.metrics import probs_metrics
 from fer_batch.types import EMOTIONS
 
 
 def score(p: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
-    lab = labels >= 0
-    m = metrics_from(labels[lab], p[lab].argmax(1))
-    return {"acc": round(m["accuracy"], 4), "f1": round(m["macro_f1"], 4), "nll": round(vote_metrics(p, targets)["nll"], 4)}
+    m = probs_metrics(p, labels, targets)
+    return {"acc": round(m["accuracy"], 4), "f1": round(m["macro_f1"], 4), "nll": round(m["nll"], 4)}
 
 
 def main() -> None:
@@ -45,7 +44,8 @@ def main() -> None:
 
     device = resolve_device(a.device)
     ds = load_dataset(a.data, 48, "gray", where=a.where)
-    t = pq.read_table(a.data, columns=[c for c in ("src_row", "fer_usage") if c in pq.read_schema(a.data).names])
+    pf = pq.ParquetFile(a.data)
+    t = pf.read(columns=[c for c in ("src_row", "fer_usage") if c in pf.schema_arrow.names])
     # rows of ferplus.parquet: the pack's src_row column, or the row itself when reading ferplus.parquet
     src_row = np.asarray(t.column("src_row").to_numpy())[ds.rows] if "src_row" in t.column_names else ds.rows
     usage = np.asarray(t.column("fer_usage").to_pylist(), object)[ds.rows]
